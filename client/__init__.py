@@ -1,0 +1,1 @@
+"""The hospital side: site data, local training, privacy."""

@@ -1,0 +1,359 @@
+"""Typed, validated configuration: the federation's settings and each hospital's own.
+
+YAML is parsed once at the edge into frozen dataclasses; everything below works with
+typed objects. Unknown keys, wrong types and impossible values are rejected with the
+file, the dotted key and the reason.
+
+Two kinds of file:
+
+* a *federation* config (the coordinator's): model, diffusion, training, privacy,
+  data and federation settings; it travels to the sites inside each train message;
+* a *site* config (the hospital's): its data and state folders and its own privacy
+  budget. It never leaves the site and the server cannot change it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from common.errors import ConfigError
+
+T = TypeVar("T")
+
+SCHEDULES = ("linear_beta", "scaled_linear_beta", "cosine")
+ACCOUNTANTS = ("prv", "rdp")
+
+
+class _Invalid(Exception):
+    """Raised inside ``__post_init__``; the loader adds the file and key prefix."""
+
+    def __init__(self, key: str, reason: str) -> None:
+        super().__init__(f"{key}: {reason}")
+        self.key = key
+        self.reason = reason
+
+
+def _require(condition: bool, key: str, reason: str) -> None:
+    if not condition:
+        raise _Invalid(key, reason)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """How a site turns its files into training slices (all sites must agree)."""
+
+    image_size: int = 32
+    slice_axis: int = 2
+    min_foreground: float = 0.05
+    pixel_spacing_mm: float = 1.0
+
+    def __post_init__(self) -> None:
+        _require(8 <= self.image_size <= 512, "image_size", f"must be in [8, 512], got {self.image_size}")
+        _require(self.slice_axis in (0, 1, 2), "slice_axis", f"must be 0, 1 or 2 (RAS axis), got {self.slice_axis}")
+        _require(0.0 <= self.min_foreground < 1.0, "min_foreground", f"must be in [0, 1), got {self.min_foreground}")
+        _require(self.pixel_spacing_mm > 0, "pixel_spacing_mm", f"must be > 0, got {self.pixel_spacing_mm}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Arguments of MONAI's ``DiffusionModelUNet`` (2D, one channel) plus the class names."""
+
+    classes: tuple[str, ...] = ("glioma", "meningioma", "notumor", "pituitary")
+    channels: tuple[int, ...] = (16, 32, 32)
+    attention_levels: tuple[bool, ...] = (False, False, True)
+    num_res_blocks: int = 1
+    norm_num_groups: int = 8
+    num_head_channels: int = 8
+
+    def __post_init__(self) -> None:
+        _require(len(self.classes) >= 1, "classes", "needs at least one class name")
+        _require(len(set(self.classes)) == len(self.classes), "classes", f"names must be unique, got {list(self.classes)}")
+        _require(all(c.strip() == c and c for c in self.classes), "classes", "names must be non-empty without surrounding spaces")
+        _require(len(self.channels) >= 1, "channels", "needs at least one level")
+        _require(all(c > 0 for c in self.channels), "channels", f"must be positive, got {list(self.channels)}")
+        _require(len(self.attention_levels) == len(self.channels), "attention_levels",
+                 f"needs one entry per level of channels ({len(self.channels)}), got {len(self.attention_levels)}")
+        _require(self.norm_num_groups > 0, "norm_num_groups", f"must be > 0, got {self.norm_num_groups}")
+        _require(all(c % self.norm_num_groups == 0 for c in self.channels), "channels",
+                 f"every entry must be divisible by norm_num_groups ({self.norm_num_groups}), got {list(self.channels)}")
+        _require(self.num_res_blocks >= 1, "num_res_blocks", f"must be >= 1, got {self.num_res_blocks}")
+        _require(self.num_head_channels > 0 and all(c % self.num_head_channels == 0 for c in self.channels),
+                 "num_head_channels", f"must divide every channel count {list(self.channels)}, got {self.num_head_channels}")
+
+    @property
+    def null_class(self) -> int:
+        """Index of the extra 'no class' embedding used for classifier-free guidance."""
+        return len(self.classes)
+
+
+@dataclass(frozen=True)
+class DiffusionConfig:
+    """DDPM training schedule (MONAI ``DDPMScheduler`` arguments)."""
+
+    num_train_timesteps: int = 1000
+    schedule: str = "linear_beta"
+    beta_start: float = 1e-4
+    beta_end: float = 2e-2
+
+    def __post_init__(self) -> None:
+        _require(10 <= self.num_train_timesteps <= 10000, "num_train_timesteps",
+                 f"must be in [10, 10000], got {self.num_train_timesteps}")
+        _require(self.schedule in SCHEDULES, "schedule", f"must be one of {list(SCHEDULES)}, got {self.schedule!r}")
+        _require(0 < self.beta_start < self.beta_end < 1, "beta_end",
+                 f"need 0 < beta_start < beta_end < 1, got {self.beta_start} and {self.beta_end}")
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    """Local training at each site, per round."""
+
+    local_steps: int = 20
+    batch_size: int = 16
+    learning_rate: float = 2e-4
+    label_dropout: float = 0.1
+    val_fraction: float = 0.1
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _require(self.local_steps >= 1, "local_steps", f"must be >= 1, got {self.local_steps}")
+        _require(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
+        _require(0 < self.learning_rate < 1, "learning_rate", f"must be in (0, 1), got {self.learning_rate}")
+        _require(0 <= self.label_dropout < 1, "label_dropout", f"must be in [0, 1), got {self.label_dropout}")
+        _require(0 <= self.val_fraction < 0.9, "val_fraction", f"must be in [0, 0.9), got {self.val_fraction}")
+
+
+@dataclass(frozen=True)
+class PrivacyConfig:
+    """DP-SGD settings requested by the coordinator; each site checks them against its budget."""
+
+    enabled: bool = True
+    noise_multiplier: float = 1.0
+    max_grad_norm: float = 1.0
+    accountant: str = "prv"
+
+    def __post_init__(self) -> None:
+        _require(self.noise_multiplier > 0, "noise_multiplier", f"must be > 0, got {self.noise_multiplier}")
+        _require(self.max_grad_norm > 0, "max_grad_norm", f"must be > 0, got {self.max_grad_norm}")
+        _require(self.accountant in ACCOUNTANTS, "accountant", f"must be one of {list(ACCOUNTANTS)}, got {self.accountant!r}")
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    """Rounds, quorum and where the coordinator writes its outputs."""
+
+    output_dir: str
+    num_rounds: int = 3
+    min_train_nodes: int = 2
+    min_available_nodes: int = 2
+    fraction_train: float = 1.0
+    round_timeout_s: float = 3600.0
+    final_model: str = ""
+    resume: bool = False
+
+    def __post_init__(self) -> None:
+        _require(bool(self.output_dir), "output_dir", "must be set")
+        _require(self.num_rounds >= 1, "num_rounds", f"must be >= 1, got {self.num_rounds}")
+        _require(self.min_train_nodes >= 1, "min_train_nodes", f"must be >= 1, got {self.min_train_nodes}")
+        _require(self.min_available_nodes >= self.min_train_nodes, "min_available_nodes",
+                 f"must be >= min_train_nodes ({self.min_train_nodes}), got {self.min_available_nodes}")
+        _require(0 < self.fraction_train <= 1, "fraction_train", f"must be in (0, 1], got {self.fraction_train}")
+        _require(self.round_timeout_s > 0, "round_timeout_s", f"must be > 0, got {self.round_timeout_s}")
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return Path(self.output_dir) / "checkpoints"
+
+    @property
+    def metrics_file(self) -> Path:
+        return Path(self.output_dir) / "metrics.jsonl"
+
+    @property
+    def final_model_path(self) -> Path:
+        return Path(self.final_model) if self.final_model else Path(self.output_dir) / "final_model.pt"
+
+
+@dataclass(frozen=True)
+class FedsynthConfig:
+    """Everything the coordinator decides for one federation."""
+
+    federation: FederationConfig
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+
+    def __post_init__(self) -> None:
+        levels = len(self.model.channels) - 1
+        _require(self.data.image_size % (2 ** levels) == 0, "data.image_size",
+                 f"must be divisible by 2**(len(model.channels)-1) = {2 ** levels}, got {self.data.image_size}")
+
+
+@dataclass(frozen=True)
+class PrivacyBudget:
+    """A hospital's total privacy budget over every step it ever takes."""
+
+    epsilon: float
+    delta: float
+
+    def __post_init__(self) -> None:
+        _require(0 < self.epsilon <= 100, "epsilon", f"must be in (0, 100], got {self.epsilon}")
+        _require(0 < self.delta < 1e-2, "delta", f"must be in (0, 0.01), got {self.delta}")
+
+
+@dataclass(frozen=True)
+class SiteConfig:
+    """A hospital's own settings: they never leave the site."""
+
+    site_id: str
+    data_dir: str
+    state_dir: str
+    privacy_budget: PrivacyBudget
+    labels_csv: str = ""
+    allow_non_private: bool = False
+
+    def __post_init__(self) -> None:
+        _require(bool(self.site_id) and self.site_id.replace("-", "").replace("_", "").isalnum(), "site_id",
+                 f"must be letters, digits, '-' or '_', got {self.site_id!r}")
+        _require(bool(self.data_dir), "data_dir", "must be set")
+        _require(bool(self.state_dir), "state_dir", "must be set")
+
+
+# ----------------------------------------------------------------------------------------
+# Loading
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; YAML lists become tuples."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise _Invalid(key, f"must be a mapping, got {type(value).__name__}")
+        return _build(tp, value, key + ".")
+    if origin is tuple:
+        (item_tp, _ellipsis) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise _Invalid(key, f"must be a list of {_type_name(item_tp)}, got {type(value).__name__}")
+        return tuple(_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value))
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise _Invalid(key, f"must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise _Invalid(key, f"must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):
+            try:  # PyYAML reads 1e-5 (no dot) as a string
+                value = float(value)
+            except ValueError:
+                raise _Invalid(key, f"must be a number, got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise _Invalid(key, f"must be a finite number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise _Invalid(key, f"must be a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config annotation {tp!r}")  # a schema bug, not user error
+
+
+def _build(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise _Invalid(prefix + unknown[0], f"unknown key (allowed: {', '.join(sorted(fields))})")
+    kwargs: dict[str, Any] = {}
+    for name, f in fields.items():
+        if name not in data:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise _Invalid(prefix + name, "is required")
+            continue
+        kwargs[name] = _coerce(data[name], hints[name], prefix + name)
+    try:
+        return cls(**kwargs)
+    except _Invalid as err:
+        raise _Invalid(prefix + err.key, err.reason) from None
+
+
+def config_from_dict(cls: type[T], data: Any, source: str) -> T:
+    """Build and validate ``cls`` from plain data; errors name ``source`` and the key."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping, got {type(data).__name__}")
+    try:
+        return _build(cls, data)
+    except _Invalid as err:
+        raise ConfigError(f"{source}: {err.key}: {err.reason}") from None
+
+
+def _read_yaml(path: Path) -> Any:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read config file ({err.strerror})") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({err})") from None
+
+
+def _resolve(base: Path, value: str) -> str:
+    """Paths in a config file are relative to that file, not to whoever reads it."""
+    if not value:
+        return value
+    p = Path(value).expanduser()
+    return str(p if p.is_absolute() else (base / p).resolve())
+
+
+def load_federation_config(path: str | Path) -> FedsynthConfig:
+    path = Path(path)
+    cfg = config_from_dict(FedsynthConfig, _read_yaml(path), str(path))
+    fed = dataclasses.replace(
+        cfg.federation,
+        output_dir=_resolve(path.parent, cfg.federation.output_dir),
+        final_model=_resolve(path.parent, cfg.federation.final_model),
+    )
+    return dataclasses.replace(cfg, federation=fed)
+
+
+def load_site_config(path: str | Path) -> SiteConfig:
+    path = Path(path)
+    cfg = config_from_dict(SiteConfig, _read_yaml(path), str(path))
+    return dataclasses.replace(
+        cfg,
+        data_dir=_resolve(path.parent, cfg.data_dir),
+        state_dir=_resolve(path.parent, cfg.state_dir),
+        labels_csv=_resolve(path.parent, cfg.labels_csv),
+    )
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain, JSON/YAML-friendly form (tuples become lists)."""
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def config_to_json(cfg: Any) -> str:
+    return json.dumps(config_to_dict(cfg), sort_keys=True)
+
+
+def write_yaml(path: str | Path, data: dict[str, Any]) -> Path:
+    from common.fileio import write_bytes_atomic
+
+    return write_bytes_atomic(path, yaml.safe_dump(data, sort_keys=False).encode("utf-8"))

@@ -1,0 +1,136 @@
+"""NIfTI reading and writing: the one module that imports nibabel.
+
+Every volume is brought to RAS+ voxel order on load, so "slice axis 2" means axial for
+every site whatever its scanner wrote. Writes carry an explicit affine, dtype and
+qform/sform codes so that any viewer places a synthetic slice the same way.
+"""
+
+from __future__ import annotations
+
+import gzip
+import zlib
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from common.errors import SiteDataError
+from common.fileio import write_bytes_atomic
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+
+# Everything nibabel, gzip or the OS raise for a file that is not a readable NIfTI:
+# nibabel does not wrap them, and a truncated .nii.gz only fails once the data is read.
+_READ_ERRORS = (
+    nib.filebasedimages.ImageFileError,
+    nib.spatialimages.HeaderDataError,
+    EOFError,
+    OSError,
+    zlib.error,
+    ValueError,
+    TypeError,
+)
+
+
+def is_nifti_path(path: Path) -> bool:
+    """Whether ``path`` ends in ``.nii`` or ``.nii.gz`` (any case)."""
+    return path.name.lower().endswith(NIFTI_SUFFIXES)
+
+
+def _as_3d(data: np.ndarray, path: Path) -> np.ndarray:
+    """Fold 2D and trailing-singleton 4D+ arrays into (X, Y, Z); refuse real 4D."""
+    if data.ndim == 2:
+        return data[:, :, np.newaxis]
+    if data.ndim > 3:
+        extra = data.shape[3:]
+        if any(n != 1 for n in extra):
+            raise SiteDataError(
+                f"{path}: {data.ndim}D volume of shape {data.shape} holds {int(np.prod(extra))} volumes; "
+                "store one 3D volume per file"
+            )
+        return data.reshape(data.shape[:3])
+    if data.ndim != 3:
+        raise SiteDataError(f"{path}: expected a 2D or 3D image, got {data.ndim}D of shape {data.shape}")
+    return data
+
+
+def load_volume(path: Path) -> tuple[np.ndarray, tuple[float, float, float]]:
+    """Read a NIfTI file as a float32 volume in RAS+ voxel order.
+
+    Args:
+        path: a ``.nii`` or ``.nii.gz`` file.
+
+    Returns:
+        ``(volume, spacing)``: ``volume`` of shape (X, Y, Z) with X towards Right, Y towards
+        Anterior and Z towards Superior (a 2D image comes back as (X, Y, 1)); ``spacing`` is
+        the voxel size in mm along those three axes. Non-finite voxels are set to 0.
+
+    Raises:
+        SiteDataError: the file is missing, unreadable, not NIfTI, holds several volumes,
+            or has no signal (constant or entirely non-finite).
+    """
+    path = Path(path)
+    try:
+        img = nib.load(str(path))
+        if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
+            raise SiteDataError(f"{path}: not a NIfTI image (nibabel read it as {type(img).__name__})")
+        # dataobj applies scl_slope/scl_inter; reading it is where truncated files fail.
+        data = np.asarray(img.dataobj, dtype=np.float32)
+        affine = img.affine
+    except SiteDataError:
+        raise
+    except FileNotFoundError:
+        raise SiteDataError(f"{path}: file not found") from None
+    except PermissionError:
+        raise SiteDataError(f"{path}: permission denied") from None
+    except _READ_ERRORS as err:
+        raise SiteDataError(f"{path}: not a readable NIfTI file ({type(err).__name__}: {err})") from None
+
+    if data.size == 0:
+        raise SiteDataError(f"{path}: empty image of shape {data.shape}")
+    data = _as_3d(data, path)
+    # Rebuilding the image from the folded array lets as_closest_canonical work on
+    # exactly three axes; the affine is what positions the voxels, not the old header.
+    canonical = nib.as_closest_canonical(nib.Nifti1Image(data, affine))
+    volume = np.asarray(canonical.dataobj, dtype=np.float32)
+    spacing = np.sqrt((canonical.affine[:3, :3] ** 2).sum(axis=0))
+
+    finite = np.isfinite(volume)
+    if not finite.all():
+        volume = np.where(finite, volume, np.float32(0.0))
+    if not finite.any() or volume.min() == volume.max():
+        raise SiteDataError(f"{path}: constant volume, no signal")
+    return np.ascontiguousarray(volume), (float(spacing[0]), float(spacing[1]), float(spacing[2]))
+
+
+def write_nifti_slice(path: Path, image: np.ndarray, spacing_mm: float) -> None:
+    """Write one 2D image as a single-slice float32 NIfTI, atomically.
+
+    Args:
+        path: destination ending in ``.nii`` or ``.nii.gz`` (then gzip-compressed).
+        image: array of shape (H, W); stored as voxel grid (H, W, 1).
+        spacing_mm: in-plane pixel size; the slice thickness is written as 1 mm.
+
+    Raises:
+        ValueError: wrong suffix, shape or spacing (a caller bug, not user data).
+    """
+    path = Path(path)
+    if not is_nifti_path(path):
+        raise ValueError(f"write_nifti_slice: path must end in .nii or .nii.gz, got {path}")
+    if image.ndim != 2:
+        raise ValueError(f"write_nifti_slice: image must be 2D (H, W), got shape {image.shape}")
+    if not spacing_mm > 0:
+        raise ValueError(f"write_nifti_slice: spacing_mm must be > 0, got {spacing_mm}")
+
+    data = np.asarray(image, dtype=np.float32)[:, :, np.newaxis]
+    affine = np.diag([spacing_mm, spacing_mm, 1.0, 1.0])
+    nifti = nib.Nifti1Image(data, affine)
+    nifti.set_data_dtype(np.float32)
+    nifti.set_qform(affine, code="scanner")
+    nifti.set_sform(affine, code="aligned")
+    nifti.header.set_xyzt_units(xyz="mm")
+    payload = nifti.to_bytes()
+    if path.name.lower().endswith(".gz"):
+        # mtime=0 keeps the bytes reproducible for the same image.
+        payload = gzip.compress(payload, mtime=0)
+    write_bytes_atomic(path, payload)

@@ -1,0 +1,204 @@
+"""Run a federation as a local simulation on Flower's own SuperLink, and always clean up.
+
+``flwr run`` would start a detached SuperLink that outlives it on a fixed port; instead we
+start ``flower-superlink --simulation`` ourselves on free loopback ports, with a private
+``FLWR_HOME``, submit the app with ``flwr run``, follow the run until it ends and stop the
+SuperLink's whole process group by PID. ``flwr run --stream`` exits 0 even when a run
+fails, so the run's status is read with ``flwr list`` instead.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from common.errors import FederationError
+
+FLOWER_ENV = {
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+    "RAY_DISABLE_USAGE_STATS": "1",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "PYTHONUNBUFFERED": "1",
+}
+CONNECTION = "fedsynth-local"
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _bin(name: str) -> str:
+    """Flower's executables from this interpreter's environment, not whatever is on PATH."""
+    candidate = Path(sys.executable).parent / name
+    return str(candidate) if candidate.exists() else name
+
+
+@dataclass
+class LocalSuperLink:
+    process: subprocess.Popen
+    address: str
+    flwr_home: Path
+    log_file: Path
+
+    def env(self) -> dict[str, str]:
+        return flower_env(self.flwr_home)
+
+
+def flower_env(flwr_home: Path) -> dict[str, str]:
+    """The SuperLink finds ``flower-superexec`` on PATH: put this environment's bin first."""
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    return {**os.environ, **FLOWER_ENV, "FLWR_HOME": str(flwr_home), "PATH": path}
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid``, read from /proc.
+
+    The SuperLink starts ``flower-superexec`` in a new session, which starts the
+    simulation and Ray's workers: killing one process group misses them, so the tree is
+    snapshotted before anything is stopped (orphans are re-parented and lost to the walk).
+    """
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(entry.name))
+    found, stack = [], [pid]
+    while stack:
+        for child in children.get(stack.pop(), []):
+            found.append(child)
+            stack.append(child)
+    return found
+
+
+def stop_process_tree(process: subprocess.Popen, grace_s: float = 10.0) -> None:
+    """SIGTERM the process and everything it started, wait, then SIGKILL whatever is left."""
+    tree = descendants(process.pid) if Path("/proc").is_dir() else []
+    for pid in [process.pid, *tree]:
+        _signal(pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        pass
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline and any(_alive(pid) for pid in tree):
+        time.sleep(0.2)
+    for pid in [process.pid, *tree, *descendants(process.pid)]:
+        _signal(pid, signal.SIGKILL)
+    try:
+        process.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, PermissionError):
+        return False
+    try:  # a zombie is dead for our purposes
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _signal(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+@contextmanager
+def local_superlink(workdir: Path, startup_timeout_s: float = 60.0) -> Iterator[LocalSuperLink]:
+    """A simulation SuperLink on a free loopback port, stopped by PID when the block exits."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    flwr_home = workdir / "flwr-home"
+    flwr_home.mkdir(exist_ok=True)
+    port = free_port()
+    address = f"127.0.0.1:{port}"
+    (flwr_home / "config.toml").write_text(
+        f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\naddress = "{address}"\ninsecure = true\n'
+    )
+    log_file = workdir / "superlink.log"
+    env = flower_env(flwr_home)
+    with open(log_file, "ab") as log_handle:
+        process = subprocess.Popen(
+            [_bin("flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
+             "--host", "127.0.0.1", "--port", str(port), "--disable-runtime-dependency-installation"],
+            cwd=workdir, env=env, stdout=log_handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+    link = LocalSuperLink(process, address, flwr_home, log_file)
+    try:
+        _wait_ready(link, startup_timeout_s)
+        yield link
+    finally:
+        stop_process_tree(process)
+
+
+def _wait_ready(link: LocalSuperLink, timeout_s: float) -> None:
+    host, port = link.address.split(":")
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if link.process.poll() is not None:
+            raise FederationError(f"flower-superlink exited with code {link.process.returncode}; see {link.log_file}")
+        try:
+            with socket.create_connection((host, int(port)), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.3)
+    raise FederationError(f"flower-superlink did not start within {timeout_s:.0f} s; see {link.log_file}")
+
+
+def submit_run(link: LocalSuperLink, app_dir: Path, run_config: dict[str, str], num_supernodes: int,
+               cpus_per_site: int = 1) -> int:
+    """``flwr run`` the app on the local SuperLink; returns the run id."""
+    overrides = " ".join(f'{k}="{v}"' for k, v in run_config.items())
+    cmd = [_bin("flwr"), "run", str(app_dir), CONNECTION, "--format", "json",
+           "--run-config", overrides,
+           "--federation-config", f"num-supernodes={num_supernodes} client-resources-num-cpus={cpus_per_site}"]
+    proc = subprocess.run(cmd, env=link.env(), capture_output=True, text=True, timeout=300, cwd=app_dir)
+    try:
+        payload = json.loads(proc.stdout[proc.stdout.index("{"):])
+        return int(payload["run-id"])
+    except (ValueError, KeyError, TypeError):
+        raise FederationError(f"flwr run failed (exit {proc.returncode}):\n{proc.stdout}\n{proc.stderr}") from None
+
+
+def run_status(link: LocalSuperLink, run_id: int) -> dict:
+    """The run's row from ``flwr list`` (status, sub-status, details)."""
+    proc = subprocess.run([_bin("flwr"), "list", CONNECTION, "--run-id", str(run_id), "--format", "json"],
+                          env=link.env(), capture_output=True, text=True, timeout=120)
+    try:
+        payload = json.loads(proc.stdout[proc.stdout.index("{"):])
+        return dict(payload["runs"][0])
+    except (ValueError, KeyError, IndexError, TypeError):
+        raise FederationError(f"flwr list failed (exit {proc.returncode}):\n{proc.stdout}\n{proc.stderr}") from None
+
+
+def save_run_log(link: LocalSuperLink, run_id: int, path: Path) -> None:
+    """Keep the run's ServerApp/ClientApp log next to the outputs, for the user to read."""
+    try:
+        proc = subprocess.run([_bin("flwr"), "log", str(run_id), CONNECTION, "--show"],
+                              env=link.env(), capture_output=True, text=True, timeout=60)
+        path.write_text(proc.stdout + proc.stderr)
+    except (OSError, subprocess.SubprocessError):
+        pass

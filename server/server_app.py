@@ -1,0 +1,72 @@
+"""The coordinator's Flower ``ServerApp``: load the config, resume or initialise, run FedAvg, save."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context
+from flwr.serverapp import Grid, ServerApp
+
+from common import keys
+from common.checkpoint import Checkpoint, latest_checkpoint, list_round_checkpoints, save_checkpoint
+from common.config import FedsynthConfig, config_to_json, load_federation_config
+from common.errors import ConfigError
+from common.model import build_unet, trainable_state
+from server.strategy import CheckpointingFedAvg, arrays_to_numpy
+
+log = logging.getLogger("fedsynth.server")
+app = ServerApp()
+
+
+def _load_config(context: Context) -> FedsynthConfig:
+    path = str(context.run_config.get(keys.RUN_CONFIG_PATH, "") or "")
+    if not path:
+        raise ConfigError(
+            "run config 'config' is empty: pass the federation YAML, e.g. "
+            "flwr run . --run-config 'config=\"/abs/path/federation.yaml\"'"
+        )
+    return load_federation_config(path)
+
+
+def _starting_point(cfg: FedsynthConfig) -> tuple[dict, int, dict]:
+    """Initial weights, rounds already done and per-site state: fresh, or from the last checkpoint."""
+    existing = list_round_checkpoints(cfg.federation.checkpoint_dir)
+    if cfg.federation.resume:
+        ckpt = latest_checkpoint(cfg.federation.checkpoint_dir)
+        if ckpt is not None:
+            if ckpt.config.model != cfg.model:
+                raise ConfigError(f"{cfg.federation.checkpoint_dir}: cannot resume, the checkpoint's model settings differ from the config's")
+            log.info("resuming after round %d from %s", ckpt.rounds_completed, cfg.federation.checkpoint_dir)
+            return ckpt.arrays, ckpt.rounds_completed, ckpt.sites
+    elif existing:
+        # Starting over would overwrite a previous run's checkpoints.
+        raise ConfigError(
+            f"{cfg.federation.checkpoint_dir} already holds {len(existing)} round checkpoint(s): set "
+            "federation.resume: true to continue that run, or choose another federation.output_dir"
+        )
+    torch.manual_seed(cfg.training.seed)
+    return trainable_state(build_unet(cfg.model)), 0, {}
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    cfg = _load_config(context)
+    arrays, rounds_done, sites = _starting_point(cfg)
+    remaining = cfg.federation.num_rounds - rounds_done
+    if remaining > 0:
+        strategy = CheckpointingFedAvg(cfg, rounds_done=rounds_done, sites=sites)
+        message_config = ConfigRecord({keys.FEDERATION_CONFIG: config_to_json(cfg)})
+        result = strategy.start(
+            grid=grid,
+            initial_arrays=ArrayRecord(array_dict={k: Array(v) for k, v in arrays.items()}),
+            num_rounds=remaining,
+            timeout=cfg.federation.round_timeout_s,
+            train_config=message_config,
+            evaluate_config=message_config,
+        )
+        arrays, sites = arrays_to_numpy(result.arrays), strategy.sites
+    final = latest_checkpoint(cfg.federation.checkpoint_dir)
+    done = final.rounds_completed if final else 0
+    save_checkpoint(cfg.federation.final_model_path, Checkpoint(cfg, arrays, done, sites))
+    log.info("final model (%d rounds) saved to %s", done, cfg.federation.final_model_path)

@@ -1,0 +1,132 @@
+"""FedAvg that checkpoints every round, logs per-site metrics and resumes mid-federation."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Iterable
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
+
+from common import keys
+from common.checkpoint import Checkpoint, round_checkpoint_path, save_checkpoint
+from common.config import FedsynthConfig
+from common.fileio import append_jsonl
+
+log = logging.getLogger("fedsynth.server")
+
+
+def arrays_to_numpy(record: ArrayRecord) -> dict[str, Any]:
+    return {name: array.numpy() for name, array in record.items()}
+
+
+def aggregate_nonempty_metrics(records: list[RecordDict], weighting_key: str) -> MetricRecord:
+    """Weighted mean over the replies that carry weight: a site with no held-out patient
+    reports zero examples and must not turn the average into a division by zero."""
+    weighted = [r for r in records if float(next(iter(r.metric_records.values()))[weighting_key]) > 0]
+    if not weighted:
+        return MetricRecord({weighting_key: 0})
+    return aggregate_metricrecords(weighted, weighting_key)
+
+
+def _finite_or_none(value: float) -> float | None:
+    """JSON has no infinity: a non-private site's epsilon is written as null."""
+    return value if math.isfinite(value) else None
+
+
+class CheckpointingFedAvg(FedAvg):
+    """FedAvg weighted by ``num-examples`` whose round numbers continue a resumed run.
+
+    Args:
+        cfg: the federation config (saved inside every checkpoint).
+        rounds_done: rounds completed before this start; Flower's round 1 is round
+            ``rounds_done + 1`` of the federation.
+        sites: per-site privacy state carried over from the resumed checkpoint.
+    """
+
+    def __init__(self, cfg: FedsynthConfig, rounds_done: int = 0, sites: dict[str, dict[str, float]] | None = None) -> None:
+        fed = cfg.federation
+        super().__init__(
+            fraction_train=fed.fraction_train,
+            fraction_evaluate=fed.fraction_train,
+            min_train_nodes=fed.min_train_nodes,
+            min_evaluate_nodes=fed.min_train_nodes,
+            min_available_nodes=fed.min_available_nodes,
+            weighted_by_key=keys.NUM_EXAMPLES,
+            arrayrecord_key=keys.ARRAYS,
+            configrecord_key=keys.CONFIG,
+            evaluate_metrics_aggr_fn=aggregate_nonempty_metrics,
+        )
+        self.cfg = cfg
+        self.rounds_done = rounds_done
+        self.sites: dict[str, dict[str, float]] = dict(sites or {})
+        self._round_started = time.time()
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        self._round_started = time.time()
+        return super().configure_train(self.rounds_done + server_round, arrays, config, grid)
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        return super().configure_evaluate(self.rounds_done + server_round, arrays, config, grid)
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        fed_round = self.rounds_done + server_round
+        self._log_replies(fed_round, "train", replies)
+        arrays, metrics = super().aggregate_train(server_round, replies)
+        if arrays is None:
+            log.error("round %d: no site returned an update; keeping the previous model", fed_round)
+            return arrays, metrics
+        for msg in replies:
+            if msg.has_error():
+                continue
+            m = msg.content[keys.METRICS]
+            site_id = self._site_id(msg)
+            entry = self.sites.setdefault(site_id, {"rounds": 0})
+            entry.update(epsilon=float(m[keys.EPSILON]), delta=float(m[keys.DELTA]), num_examples=int(m[keys.NUM_EXAMPLES]))
+            entry["rounds"] = int(entry.get("rounds", 0)) + 1
+        path = round_checkpoint_path(self.cfg.federation.checkpoint_dir, fed_round)
+        save_checkpoint(path, Checkpoint(self.cfg, arrays_to_numpy(arrays), fed_round, self.sites))
+        append_jsonl(self.cfg.federation.metrics_file, {
+            "round": fed_round, "phase": "train", "kind": "aggregate", "time": time.time(),
+            "round_seconds": time.time() - self._round_started, "sites": len([r for r in replies if not r.has_error()]),
+            "failures": len([r for r in replies if r.has_error()]), "checkpoint": str(path),
+            **({k: _finite_or_none(float(v)) for k, v in metrics.items()} if metrics else {}),
+        })
+        log.info("round %d: checkpoint written to %s", fed_round, path)
+        return arrays, metrics
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        replies = list(replies)
+        fed_round = self.rounds_done + server_round
+        self._log_replies(fed_round, "evaluate", replies)
+        metrics = super().aggregate_evaluate(server_round, replies)
+        if metrics:
+            append_jsonl(self.cfg.federation.metrics_file, {
+                "round": fed_round, "phase": "evaluate", "kind": "aggregate", "time": time.time(),
+                **{k: _finite_or_none(float(v)) for k, v in metrics.items()},
+            })
+        return metrics
+
+    @staticmethod
+    def _site_id(msg: Message) -> str:
+        site = msg.content.config_records.get(keys.SITE)
+        if site is not None and keys.SITE_ID in site:
+            return str(site[keys.SITE_ID])
+        return f"node-{msg.metadata.src_node_id}"
+
+    def _log_replies(self, fed_round: int, phase: str, replies: list[Message]) -> None:
+        for msg in replies:
+            base = {"round": fed_round, "phase": phase, "time": time.time(), "node_id": msg.metadata.src_node_id}
+            if msg.has_error():
+                log.warning("round %d %s: node %d failed: %s", fed_round, phase, msg.metadata.src_node_id, msg.error.reason)
+                append_jsonl(self.cfg.federation.metrics_file, {**base, "kind": "failure", "reason": msg.error.reason})
+                continue
+            metrics = msg.content.metric_records.get(keys.METRICS, {})
+            values = {k: _finite_or_none(float(v)) for k, v in metrics.items()}
+            append_jsonl(self.cfg.federation.metrics_file, {**base, "kind": "site", "site_id": self._site_id(msg), **values})
