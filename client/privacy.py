@@ -18,6 +18,9 @@ from opacus.accountants import PRVAccountant, RDPAccountant
 from opacus.accountants.accountant import IAccountant
 from torch.utils.data import DataLoader, Dataset
 
+# Opacus' hooks fire on the first layer, whose input needs no gradient; the warning is noise.
+warnings.filterwarnings("ignore", message="Full backward hook is firing")
+
 # (noise_multiplier, sample_rate, steps), the composition unit Opacus' accountants take.
 Mechanism = tuple[float, float, int]
 

@@ -110,3 +110,19 @@ def file_sha256(path: str | Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def check_output_dir(cfg: FedsynthConfig) -> Checkpoint | None:
+    """The checkpoint to resume from, if any; refuses to start over on top of another run's."""
+    existing = list_round_checkpoints(cfg.federation.checkpoint_dir)
+    if not cfg.federation.resume:
+        if existing:
+            raise ConfigError(
+                f"{cfg.federation.checkpoint_dir} already holds {len(existing)} round checkpoint(s): set "
+                "federation.resume: true to continue that run, or choose another federation.output_dir"
+            )
+        return None
+    ckpt = latest_checkpoint(cfg.federation.checkpoint_dir)
+    if ckpt is not None and ckpt.config.model != cfg.model:
+        raise ConfigError(f"{cfg.federation.checkpoint_dir}: cannot resume, the checkpoint's model settings differ from the config's")
+    return ckpt

@@ -32,6 +32,21 @@ _READ_ERRORS = (
 )
 
 
+def _read_failure(err: Exception, path: Path) -> str:
+    """A short reason without the path (nibabel quotes it), so equal failures group in summaries."""
+    if path.is_file() and path.stat().st_size == 0:
+        return "empty file"
+    if isinstance(err, (EOFError, zlib.error, gzip.BadGzipFile)):
+        return "truncated or corrupt gzip data"
+    if isinstance(err, nib.filebasedimages.ImageFileError):
+        return "unrecognised content"
+    if isinstance(err, nib.spatialimages.HeaderDataError):
+        return "invalid header"
+    if isinstance(err, OSError):
+        return f"truncated or unreadable data ({err.strerror})" if err.strerror else "truncated or unreadable data"
+    return f"unsupported voxel data ({type(err).__name__})"
+
+
 def is_nifti_path(path: Path) -> bool:
     """Whether ``path`` ends in ``.nii`` or ``.nii.gz`` (any case)."""
     return path.name.lower().endswith(NIFTI_SUFFIXES)
@@ -84,7 +99,7 @@ def load_volume(path: Path) -> tuple[np.ndarray, tuple[float, float, float]]:
     except PermissionError:
         raise SiteDataError(f"{path}: permission denied") from None
     except _READ_ERRORS as err:
-        raise SiteDataError(f"{path}: not a readable NIfTI file ({type(err).__name__}: {err})") from None
+        raise SiteDataError(f"{path}: not a readable NIfTI file: {_read_failure(err, path)}") from None
 
     if data.size == 0:
         raise SiteDataError(f"{path}: empty image of shape {data.shape}")

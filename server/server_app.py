@@ -9,7 +9,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from common import keys
-from common.checkpoint import Checkpoint, latest_checkpoint, list_round_checkpoints, save_checkpoint
+from common.checkpoint import Checkpoint, check_output_dir, latest_checkpoint, save_checkpoint
 from common.config import FedsynthConfig, config_to_json, load_federation_config
 from common.errors import ConfigError
 from common.model import build_unet, trainable_state
@@ -31,20 +31,10 @@ def _load_config(context: Context) -> FedsynthConfig:
 
 def _starting_point(cfg: FedsynthConfig) -> tuple[dict, int, dict]:
     """Initial weights, rounds already done and per-site state: fresh, or from the last checkpoint."""
-    existing = list_round_checkpoints(cfg.federation.checkpoint_dir)
-    if cfg.federation.resume:
-        ckpt = latest_checkpoint(cfg.federation.checkpoint_dir)
-        if ckpt is not None:
-            if ckpt.config.model != cfg.model:
-                raise ConfigError(f"{cfg.federation.checkpoint_dir}: cannot resume, the checkpoint's model settings differ from the config's")
-            log.info("resuming after round %d from %s", ckpt.rounds_completed, cfg.federation.checkpoint_dir)
-            return ckpt.arrays, ckpt.rounds_completed, ckpt.sites
-    elif existing:
-        # Starting over would overwrite a previous run's checkpoints.
-        raise ConfigError(
-            f"{cfg.federation.checkpoint_dir} already holds {len(existing)} round checkpoint(s): set "
-            "federation.resume: true to continue that run, or choose another federation.output_dir"
-        )
+    ckpt = check_output_dir(cfg)
+    if ckpt is not None:
+        log.info("resuming after round %d from %s", ckpt.rounds_completed, cfg.federation.checkpoint_dir)
+        return ckpt.arrays, ckpt.rounds_completed, ckpt.sites
     torch.manual_seed(cfg.training.seed)
     return trainable_state(build_unet(cfg.model)), 0, {}
 

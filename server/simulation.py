@@ -10,6 +10,7 @@ from pathlib import Path
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from common import keys
+from common.checkpoint import check_output_dir
 from common.config import FedsynthConfig
 from common.errors import FederationError
 from server.local_federation import local_superlink, run_status, save_run_log, submit_run
@@ -56,6 +57,16 @@ def app_dir(workdir: Path) -> Path:
     return bundle
 
 
+def last_error(log_file: Path) -> str:
+    """The ServerApp's own exception line (``module.Error: message``) from a run log, if any."""
+    if not log_file.exists():
+        return ""
+    lines = [ln.strip() for ln in log_file.read_text(errors="replace").splitlines()]
+    causes = [ln for ln in lines if ln.split(":", 1)[0].rsplit(".", 1)[-1].endswith(("Error", "Exception"))
+              and " " not in ln.split(":", 1)[0]]
+    return causes[-1] if causes else ""
+
+
 def completed_rounds(metrics_file: Path) -> int:
     if not metrics_file.exists():
         return 0
@@ -73,6 +84,7 @@ def completed_rounds(metrics_file: Path) -> int:
 def run_simulation(cfg: FedsynthConfig, config_path: Path, site_configs: list[Path], workdir: Path,
                    timeout_s: float = 3600.0, progress: bool = True) -> SimulationResult:
     """Run ``cfg`` with one simulated SuperNode per site config; raises if the run does not complete."""
+    check_output_dir(cfg)  # fail in a second, not after Flower has started
     started = time.time()
     run_config = {keys.RUN_CONFIG_PATH: str(config_path.resolve()),
                   keys.RUN_SIM_SITES: ",".join(str(p.resolve()) for p in site_configs)}
@@ -82,7 +94,9 @@ def run_simulation(cfg: FedsynthConfig, config_path: Path, site_configs: list[Pa
         save_run_log(link, run_id, workdir / "run.log")
     rounds = completed_rounds(cfg.federation.metrics_file)
     if not status.endswith("completed"):
-        raise FederationError(f"run {run_id} ended as '{status}' after {rounds} round(s); see {workdir / 'run.log'}")
+        cause = last_error(workdir / "run.log")
+        raise FederationError(f"run {run_id} ended as '{status}' after {rounds} round(s)"
+                              + (f": {cause}" if cause else "") + f"; full log: {workdir / 'run.log'}")
     return SimulationResult(run_id, status, time.time() - started, rounds)
 
 

