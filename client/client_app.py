@@ -1,12 +1,13 @@
 """The hospital's Flower ``ClientApp``: unpack the message, train or evaluate locally, pack the reply.
 
-The site's own config (data, state and privacy budget) comes from the SuperNode's node
-config (``site-config=/path/site.yaml``), which the server cannot change. Only in a local
-simulation, where there is no real site, may the run config name one site file per
-simulated partition.
+The site's own config (data, state, privacy budget and policy file) comes from the
+SuperNode's node config (``site-config=/path/site.yaml``), which the server cannot
+change. Only in a local simulation, where there is no real site, may the run config name
+one site file per simulated partition.
 
 A reply carries the trainable weights, numeric metrics and the site's public name;
-errors reach the server as a category and a reason with no local path in it.
+errors reach the server as a category and a reason with no local path in it. Every task
+is written to the site's audit log, whatever its outcome.
 """
 
 from __future__ import annotations
@@ -14,19 +15,40 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+
 from flwr.clientapp import ClientApp
 
-from client.site_data import load_site_slices_cached
+from client.audit_log import TaskRecord, append_task_record
+from client.policy import SitePolicy, load_site_policy, running_app_hash
+from client.site_data import SiteSlices, load_site_slices_cached, require_readable
 from client.training import train_round, validation_loss
-from common import keys
+from client.memorisation_audit import audit_request
+from common import audit_protocol, keys
 from common.config import FedsynthConfig, SiteConfig, config_from_dict, load_site_config
-from common.errors import ConfigError, FedsynthError, PrivacyBudgetError, SiteDataError
+from common.errors import ConfigError, FedsynthError, PolicyError, PrivacyBudgetError, SiteDataError
 
 log = logging.getLogger("fedsynth.client")
 app = ClientApp()
+
+_ERROR_CODES = {PrivacyBudgetError: keys.ERROR_PRIVACY_BUDGET, PolicyError: keys.ERROR_POLICY,
+                SiteDataError: keys.ERROR_SITE_DATA, ConfigError: keys.ERROR_CONFIG}
+
+
+@dataclass
+class SiteTask:
+    """Everything a handler needs, parsed once from the message and the site's own files."""
+
+    cfg: FedsynthConfig
+    site: SiteConfig
+    policy: SitePolicy | None
+    slices: SiteSlices
+    arrays: dict
+    record: TaskRecord
 
 
 def site_config_path(context: Context) -> str:
@@ -46,54 +68,85 @@ def site_config_path(context: Context) -> str:
     )
 
 
-def _federation_config(msg: Message) -> FedsynthConfig:
-    raw = msg.content[keys.CONFIG].get(keys.FEDERATION_CONFIG)
-    if raw is None:
-        raise ConfigError(f"message has no '{keys.FEDERATION_CONFIG}' entry", public="message has no federation config")
-    return config_from_dict(FedsynthConfig, json.loads(str(raw)), "federation config sent by the server")
+def _received_config(msg: Message) -> dict:
+    """The task's ConfigRecord as plain data, the federation config parsed, for the audit log."""
+    received = {}
+    for key, value in msg.content[keys.CONFIG].items():
+        try:
+            received[key] = json.loads(value) if key == keys.FEDERATION_CONFIG else value
+        except (TypeError, ValueError):
+            received[key] = str(value)
+    return received
 
 
-def _prepare(msg: Message, context: Context) -> tuple[FedsynthConfig, SiteConfig, object, dict]:
+def _set_threads(context: Context) -> None:
     threads = context.node_config.get(keys.NODE_NUM_THREADS)
     if threads is None and keys.NODE_PARTITION_ID in context.node_config:
         threads = 1  # simulated sites share the machine's cores: oversubscription costs far more than it gains
     if threads:
         torch.set_num_threads(int(threads))
-    site = load_site_config(site_config_path(context))
-    cfg = _federation_config(msg)
+
+
+def _prepare(msg: Message, site: SiteConfig, record: TaskRecord) -> SiteTask:
+    raw = msg.content[keys.CONFIG].get(keys.FEDERATION_CONFIG)
+    if raw is None:
+        raise ConfigError(f"message has no '{keys.FEDERATION_CONFIG}' entry", public="message has no federation config")
+    cfg = config_from_dict(FedsynthConfig, json.loads(str(raw)), "federation config sent by the server")
+    policy = load_site_policy(site.policy_file) if site.policy_file else None
     slices = load_site_slices_cached(site.data_dir, cfg.model.classes, cfg.data, site.labels_csv or None)
+    require_readable(slices, site.data_dir, site.skip_bad_files)
     arrays = {name: array.numpy() for name, array in msg.content[keys.ARRAYS].items()}
-    return cfg, site, slices, arrays
+    return SiteTask(cfg, site, policy, slices, arrays, record)
 
 
-def _error_reply(msg: Message, err: Exception) -> Message:
+def _error_reply(msg: Message, err: Exception) -> tuple[Message, str]:
     if isinstance(err, FedsynthError):
-        code = {PrivacyBudgetError: keys.ERROR_PRIVACY_BUDGET, SiteDataError: keys.ERROR_SITE_DATA,
-                ConfigError: keys.ERROR_CONFIG}.get(type(err), keys.ERROR_INTERNAL)
         log.error("task refused: %s", err)
-        return Message(Error(code=code, reason=err.public), reply_to=msg)
+        return Message(Error(code=_ERROR_CODES.get(type(err), keys.ERROR_INTERNAL), reason=err.public), reply_to=msg), f"refused: {err.public}"
     log.exception("task failed")
-    return Message(Error(code=keys.ERROR_INTERNAL, reason=f"internal error at the site ({type(err).__name__}); see the site's log"), reply_to=msg)
+    reason = f"internal error at the site ({type(err).__name__}); see the site's log"
+    return Message(Error(code=keys.ERROR_INTERNAL, reason=reason), reply_to=msg), f"error: {type(err).__name__}"
 
 
-def _guarded(handler: Callable[[Message, Context], Message]) -> Callable[[Message, Context], Message]:
+def _reply_bytes(reply: Message) -> int:
+    if reply.has_error():
+        return len((reply.error.reason or "").encode("utf-8"))
+    return sum(record.count_bytes() for record in reply.content.values())
+
+
+def audited(handler: Callable[[Message, SiteTask], Message]) -> Callable[[Message, Context], Message]:
+    """Run ``handler`` on a prepared task; every failure becomes a clean reply and every task an audit line."""
+
     def wrapper(msg: Message, context: Context) -> Message:
+        record = TaskRecord(run_id=str(msg.metadata.run_id), message_type=str(msg.metadata.message_type),
+                            app_hash=running_app_hash(), config={})
+        site = None
         try:
-            return handler(msg, context)
-        except Exception as err:  # every failure becomes a clean reply, never a crashed node
-            return _error_reply(msg, err)
+            _set_threads(context)
+            record.config = _received_config(msg)
+            record.server_round = int(record.config.get(keys.SERVER_ROUND, 0))
+            site = load_site_config(site_config_path(context))
+            reply, record.outcome = handler(msg, _prepare(msg, site, record)), "ok"
+        except Exception as err:  # a site's failure never crashes the node or the federation
+            reply, record.outcome = _error_reply(msg, err)
+        record.bytes_sent = _reply_bytes(reply)
+        if site is not None:
+            append_task_record(site.state_dir, record)
+        return reply
+
     wrapper.__name__ = handler.__name__
     wrapper.__doc__ = handler.__doc__
     return wrapper
 
 
 @app.train()
-@_guarded
-def train(msg: Message, context: Context) -> Message:
+@audited
+def train(msg: Message, task: SiteTask) -> Message:
     """One round of DP-SGD on the site's data from the global weights."""
-    cfg, site, slices, arrays = _prepare(msg, context)
-    result = train_round(cfg, site, slices, arrays, run_id=str(msg.metadata.run_id),
-                         server_round=int(msg.content[keys.CONFIG].get(keys.SERVER_ROUND, 0)))
+    result = train_round(task.cfg, task.site, task.slices, task.arrays, run_id=task.record.run_id,
+                         server_round=task.record.server_round, policy=task.policy, app_hash=task.record.app_hash)
+    task.record.steps = result.steps
+    task.record.epsilon_before, task.record.epsilon_after = result.epsilon_before, result.epsilon
     metrics = MetricRecord({
         keys.NUM_EXAMPLES: result.num_examples,
         keys.TRAIN_LOSS: result.loss,
@@ -101,24 +154,41 @@ def train(msg: Message, context: Context) -> Message:
         keys.DELTA: result.delta,
         keys.STEPS: result.steps,
     })
-    content = RecordDict({
+    return Message(content=RecordDict({
         keys.ARRAYS: ArrayRecord(array_dict={k: Array(v) for k, v in result.arrays.items()}),
         keys.METRICS: metrics,
-        keys.SITE: ConfigRecord({keys.SITE_ID: site.site_id}),
-    })
-    return Message(content=content, reply_to=msg)
+        keys.SITE: ConfigRecord({keys.SITE_ID: task.site.site_id}),
+    }), reply_to=msg)
 
 
 @app.evaluate()
-@_guarded
-def evaluate(msg: Message, context: Context) -> Message:
+@audited
+def evaluate(msg: Message, task: SiteTask) -> Message:
     """Validation loss of the global weights on the site's held-out patients."""
-    cfg, site, slices, arrays = _prepare(msg, context)
-    loss, count = validation_loss(cfg, slices, arrays)
+    loss, count = validation_loss(task.cfg, task.slices, task.arrays)
     if count == 0:
         loss = 0.0  # carries no weight in the average; NaN would poison it
-    content = RecordDict({
+    return Message(content=RecordDict({
         keys.METRICS: MetricRecord({keys.NUM_EXAMPLES: count, keys.VAL_LOSS: loss}),
-        keys.SITE: ConfigRecord({keys.SITE_ID: site.site_id}),
+        keys.SITE: ConfigRecord({keys.SITE_ID: task.site.site_id}),
+    }), reply_to=msg)
+
+
+@app.query()
+@audited
+def query(msg: Message, task: SiteTask) -> Message:
+    """Memorisation audit: how close the server's synthetic images come to this site's slices.
+
+    Only aggregates leave the site: counts below each threshold and distance quantiles.
+    """
+    summary = audit_request(task.arrays, dict(msg.content[keys.CONFIG].items()), task.slices.images)
+    metrics = MetricRecord({
+        audit_protocol.NUM_SYNTHETIC: summary.num_synthetic,
+        audit_protocol.NUM_LOCAL: summary.num_local,
+        audit_protocol.COUNTS_BELOW: summary.counts_below,
+        audit_protocol.DISTANCE_QUANTILES: summary.distance_quantiles,
     })
-    return Message(content=content, reply_to=msg)
+    return Message(content=RecordDict({
+        keys.METRICS: metrics,
+        keys.SITE: ConfigRecord({keys.SITE_ID: task.site.site_id}),
+    }), reply_to=msg)

@@ -67,8 +67,8 @@ class PrivacyLedger:
     def epsilon(self, delta: float, extra: list[Mechanism] | None = None) -> float:
         return compute_epsilon(self.history() + (extra or []), delta, self.accountant)
 
-    def check_budget(self, budget: PrivacyBudget, planned: Mechanism) -> float:
-        """Epsilon after ``planned`` steps; raises if that would exceed the site's budget."""
+    def check_budget(self, budget: PrivacyBudget, planned: Mechanism) -> tuple[float, float]:
+        """Epsilon (spent so far, after ``planned`` steps); raises if the latter exceeds ``budget``."""
         spent = self.epsilon(budget.delta)
         after = self.epsilon(budget.delta, [planned])
         if after > budget.epsilon:
@@ -79,7 +79,7 @@ class PrivacyLedger:
                 f"{budget.epsilon} at delta {budget.delta}"
             )
             raise PrivacyBudgetError(f"{public} (ledger: {self.path})", public=public)
-        return after
+        return spent, after
 
     def reserve(self, planned: Mechanism, run_id: str = "", server_round: int = 0) -> None:
         """Record ``planned`` steps durably before they are taken."""

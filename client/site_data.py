@@ -46,6 +46,9 @@ class SkippedFile:
 
     path: str
     reason: str
+    unreadable: bool = False
+    """True for a file that should have been usable (an image or volume that failed to load);
+    False for one that was simply not meant for training (another class, not an image)."""
 
 
 @dataclass
@@ -87,6 +90,9 @@ class SiteSlices:
             seen[label].add(patient)
         return {name: len(seen[i]) for i, name in enumerate(self.classes)}
 
+    def unreadable(self) -> list[SkippedFile]:
+        return [s for s in self.skipped if s.unreadable]
+
     def patient_index(self) -> list[np.ndarray]:
         """Slice indices grouped per patient, patients in sorted order (the DP unit is a patient)."""
         groups: dict[str, list[int]] = {}
@@ -122,7 +128,7 @@ def _walk_files(top: Path, skipped: list[SkippedFile], root: Path) -> Iterator[P
     seen: set[tuple[int, int]] = set()
 
     def on_error(err: OSError) -> None:
-        skipped.append(SkippedFile(_rel(Path(err.filename or top), root), f"cannot list folder ({err.strerror})"))
+        skipped.append(SkippedFile(_rel(Path(err.filename or top), root), f"cannot list folder ({err.strerror})", True))
 
     for dirpath, dirnames, filenames in os.walk(top, onerror=on_error, followlinks=True):
         try:
@@ -208,7 +214,7 @@ def _entries_from_csv(
         elif not _is_supported(path):
             skipped.append(SkippedFile(rel, "not an image or NIfTI file"))
         elif not path.is_file():
-            skipped.append(SkippedFile(rel, "listed in the labels CSV but not found"))
+            skipped.append(SkippedFile(rel, "listed in the labels CSV but not found", True))
         else:
             patient = row.get("patient_id") or _patient_id(rel)
             entries[rel] = _Entry(path, rel, classes.index(label), patient)
@@ -312,10 +318,10 @@ def load_site_slices(
         try:
             slices, slice_shapes = load(entry.path, data_cfg)
         except SiteDataError as err:
-            skipped.append(SkippedFile(entry.rel, _reason(err, entry.path)))
+            skipped.append(SkippedFile(entry.rel, _reason(err, entry.path), True))
             continue
         except PermissionError:
-            skipped.append(SkippedFile(entry.rel, "permission denied"))
+            skipped.append(SkippedFile(entry.rel, "permission denied", True))
             continue
         images.extend(slices)
         labels.extend([entry.label] * len(slices))
@@ -333,6 +339,22 @@ def load_site_slices(
         classes=classes,
         skipped=skipped,
         shapes=shapes,
+    )
+
+
+def require_readable(slices: SiteSlices, data_dir: str | Path, skip_bad_files: bool) -> None:
+    """Stop the site on unreadable files unless its admin chose to skip them (they are logged either way)."""
+    bad = slices.unreadable()
+    if not bad:
+        return
+    if skip_bad_files:
+        for item in bad:
+            log.warning("%s: skipping %s (%s)", data_dir, item.path, item.reason)
+        return
+    raise SiteDataError(
+        f"{data_dir}: {len(bad)} unreadable file(s), first {bad[0].path}: {bad[0].reason}; fix them, "
+        "or set skip_bad_files: true in the site config to train on the readable ones",
+        public=f"site data has {len(bad)} unreadable file(s); the site admin must fix them or allow skipping",
     )
 
 

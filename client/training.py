@@ -16,6 +16,7 @@ import torch
 from torch.utils.data import Dataset
 
 from client.ledger import PrivacyLedger
+from client.policy import SitePolicy, enforce_policy, privacy_ceiling
 from client.privacy import make_private, poisson_sample_rate
 from client.site_data import SiteSlices
 from common.config import FedsynthConfig, SiteConfig
@@ -39,6 +40,7 @@ class TrainResult:
     steps: int
     epsilon: float
     delta: float
+    epsilon_before: float = 0.0
 
 
 class PatientDataset(Dataset):
@@ -94,17 +96,21 @@ def train_round(
     global_arrays: dict[str, np.ndarray],
     run_id: str = "",
     server_round: int = 0,
+    policy: SitePolicy | None = None,
+    app_hash: str = "",
 ) -> TrainResult:
     """Train ``cfg.training.local_steps`` steps from the global weights; DP unless the site allows otherwise.
 
     Raises:
-        PrivacyBudgetError: the planned steps would exceed the site's own budget, or the
-            coordinator asked for non-private training the site does not allow. Nothing is
-            spent in that case.
+        PolicyError: the task would loosen the site's policy (see client/policy.py).
+        PrivacyBudgetError: the planned steps would exceed the site's privacy ceiling, or the
+            coordinator asked for non-private training the site does not allow.
+        Nothing is spent when either is raised.
     """
     train_groups, _ = split_patients(slices, cfg.training.val_fraction)
+    enforce_policy(policy, cfg, app_hash, len(train_groups))
     ledger = PrivacyLedger.open(site.state_dir, cfg.privacy.accountant)
-    budget = site.privacy_budget
+    budget = privacy_ceiling(site, policy, cfg)
     if not cfg.privacy.enabled and not site.allow_non_private:
         reason = (
             "site refuses to train: the federation asks for training without DP, and this site's "
@@ -113,7 +119,9 @@ def train_round(
         raise PrivacyBudgetError(reason, public=reason)
     planned = plan_steps(cfg, len(train_groups)) if cfg.privacy.enabled else (0.0, 1.0, cfg.training.local_steps)
     if cfg.privacy.enabled:
-        ledger.check_budget(budget, planned)
+        epsilon_before, epsilon_after = ledger.check_budget(budget, planned)
+    else:
+        epsilon_before, epsilon_after = ledger.epsilon(budget.delta), math.inf
     ledger.reserve(planned, run_id=run_id, server_round=server_round)
 
     seed = _round_seed(cfg, site.site_id, server_round)
@@ -152,14 +160,14 @@ def train_round(
                 losses.append(float(loss.detach()))
             steps += 1
 
-    epsilon = ledger.epsilon(budget.delta) if cfg.privacy.enabled else math.inf
     return TrainResult(
         arrays=trainable_state(model),
         num_examples=len(train_groups),
         loss=float(np.mean(losses)) if losses else float("nan"),
         steps=steps,
-        epsilon=epsilon,
+        epsilon=epsilon_after,  # the ledger holds exactly the planned steps, reserved above
         delta=budget.delta,
+        epsilon_before=epsilon_before,
     )
 
 

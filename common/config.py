@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,7 +41,7 @@ class _Invalid(Exception):
         self.reason = reason
 
 
-def _require(condition: bool, key: str, reason: str) -> None:
+def require(condition: bool, key: str, reason: str) -> None:
     if not condition:
         raise _Invalid(key, reason)
 
@@ -57,10 +56,10 @@ class DataConfig:
     pixel_spacing_mm: float = 1.0
 
     def __post_init__(self) -> None:
-        _require(8 <= self.image_size <= 512, "image_size", f"must be in [8, 512], got {self.image_size}")
-        _require(self.slice_axis in (0, 1, 2), "slice_axis", f"must be 0, 1 or 2 (RAS axis), got {self.slice_axis}")
-        _require(0.0 <= self.min_foreground < 1.0, "min_foreground", f"must be in [0, 1), got {self.min_foreground}")
-        _require(self.pixel_spacing_mm > 0, "pixel_spacing_mm", f"must be > 0, got {self.pixel_spacing_mm}")
+        require(8 <= self.image_size <= 512, "image_size", f"must be in [8, 512], got {self.image_size}")
+        require(self.slice_axis in (0, 1, 2), "slice_axis", f"must be 0, 1 or 2 (RAS axis), got {self.slice_axis}")
+        require(0.0 <= self.min_foreground < 1.0, "min_foreground", f"must be in [0, 1), got {self.min_foreground}")
+        require(self.pixel_spacing_mm > 0, "pixel_spacing_mm", f"must be > 0, got {self.pixel_spacing_mm}")
 
 
 @dataclass(frozen=True)
@@ -75,18 +74,18 @@ class ModelConfig:
     num_head_channels: int = 8
 
     def __post_init__(self) -> None:
-        _require(len(self.classes) >= 1, "classes", "needs at least one class name")
-        _require(len(set(self.classes)) == len(self.classes), "classes", f"names must be unique, got {list(self.classes)}")
-        _require(all(c.strip() == c and c for c in self.classes), "classes", "names must be non-empty without surrounding spaces")
-        _require(len(self.channels) >= 1, "channels", "needs at least one level")
-        _require(all(c > 0 for c in self.channels), "channels", f"must be positive, got {list(self.channels)}")
-        _require(len(self.attention_levels) == len(self.channels), "attention_levels",
+        require(len(self.classes) >= 1, "classes", "needs at least one class name")
+        require(len(set(self.classes)) == len(self.classes), "classes", f"names must be unique, got {list(self.classes)}")
+        require(all(c.strip() == c and c for c in self.classes), "classes", "names must be non-empty without surrounding spaces")
+        require(len(self.channels) >= 1, "channels", "needs at least one level")
+        require(all(c > 0 for c in self.channels), "channels", f"must be positive, got {list(self.channels)}")
+        require(len(self.attention_levels) == len(self.channels), "attention_levels",
                  f"needs one entry per level of channels ({len(self.channels)}), got {len(self.attention_levels)}")
-        _require(self.norm_num_groups > 0, "norm_num_groups", f"must be > 0, got {self.norm_num_groups}")
-        _require(all(c % self.norm_num_groups == 0 for c in self.channels), "channels",
+        require(self.norm_num_groups > 0, "norm_num_groups", f"must be > 0, got {self.norm_num_groups}")
+        require(all(c % self.norm_num_groups == 0 for c in self.channels), "channels",
                  f"every entry must be divisible by norm_num_groups ({self.norm_num_groups}), got {list(self.channels)}")
-        _require(self.num_res_blocks >= 1, "num_res_blocks", f"must be >= 1, got {self.num_res_blocks}")
-        _require(self.num_head_channels > 0 and all(c % self.num_head_channels == 0 for c in self.channels),
+        require(self.num_res_blocks >= 1, "num_res_blocks", f"must be >= 1, got {self.num_res_blocks}")
+        require(self.num_head_channels > 0 and all(c % self.num_head_channels == 0 for c in self.channels),
                  "num_head_channels", f"must divide every channel count {list(self.channels)}, got {self.num_head_channels}")
 
     @property
@@ -105,10 +104,10 @@ class DiffusionConfig:
     beta_end: float = 2e-2
 
     def __post_init__(self) -> None:
-        _require(10 <= self.num_train_timesteps <= 10000, "num_train_timesteps",
+        require(10 <= self.num_train_timesteps <= 10000, "num_train_timesteps",
                  f"must be in [10, 10000], got {self.num_train_timesteps}")
-        _require(self.schedule in SCHEDULES, "schedule", f"must be one of {list(SCHEDULES)}, got {self.schedule!r}")
-        _require(0 < self.beta_start < self.beta_end < 1, "beta_end",
+        require(self.schedule in SCHEDULES, "schedule", f"must be one of {list(SCHEDULES)}, got {self.schedule!r}")
+        require(0 < self.beta_start < self.beta_end < 1, "beta_end",
                  f"need 0 < beta_start < beta_end < 1, got {self.beta_start} and {self.beta_end}")
 
 
@@ -124,11 +123,11 @@ class TrainingConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _require(self.local_steps >= 1, "local_steps", f"must be >= 1, got {self.local_steps}")
-        _require(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
-        _require(0 < self.learning_rate < 1, "learning_rate", f"must be in (0, 1), got {self.learning_rate}")
-        _require(0 <= self.label_dropout < 1, "label_dropout", f"must be in [0, 1), got {self.label_dropout}")
-        _require(0 <= self.val_fraction < 0.9, "val_fraction", f"must be in [0, 0.9), got {self.val_fraction}")
+        require(self.local_steps >= 1, "local_steps", f"must be >= 1, got {self.local_steps}")
+        require(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
+        require(0 < self.learning_rate < 1, "learning_rate", f"must be in (0, 1), got {self.learning_rate}")
+        require(0 <= self.label_dropout < 1, "label_dropout", f"must be in [0, 1), got {self.label_dropout}")
+        require(0 <= self.val_fraction < 0.9, "val_fraction", f"must be in [0, 0.9), got {self.val_fraction}")
 
 
 @dataclass(frozen=True)
@@ -139,11 +138,15 @@ class PrivacyConfig:
     noise_multiplier: float = 1.0
     max_grad_norm: float = 1.0
     accountant: str = "prv"
+    # A federation-wide cap each site applies on top of its own budget: it can only tighten
+    # a site's limits, never loosen them. 0 means no cap.
+    max_epsilon_per_site: float = 0.0
 
     def __post_init__(self) -> None:
-        _require(self.noise_multiplier > 0, "noise_multiplier", f"must be > 0, got {self.noise_multiplier}")
-        _require(self.max_grad_norm > 0, "max_grad_norm", f"must be > 0, got {self.max_grad_norm}")
-        _require(self.accountant in ACCOUNTANTS, "accountant", f"must be one of {list(ACCOUNTANTS)}, got {self.accountant!r}")
+        require(self.max_epsilon_per_site >= 0, "max_epsilon_per_site", f"must be >= 0, got {self.max_epsilon_per_site}")
+        require(self.noise_multiplier > 0, "noise_multiplier", f"must be > 0, got {self.noise_multiplier}")
+        require(self.max_grad_norm > 0, "max_grad_norm", f"must be > 0, got {self.max_grad_norm}")
+        require(self.accountant in ACCOUNTANTS, "accountant", f"must be one of {list(ACCOUNTANTS)}, got {self.accountant!r}")
 
 
 @dataclass(frozen=True)
@@ -158,15 +161,25 @@ class FederationConfig:
     round_timeout_s: float = 3600.0
     final_model: str = ""
     resume: bool = False
+    # Fewest accepted site updates for a round to count; below it the run stops, last checkpoint intact.
+    quorum: int = 1
+    # How long a round waits for min_available_nodes to be connected before the run stops.
+    node_wait_timeout_s: float = 600.0
+    # Largest L2 norm of a site's update (its weights minus the global weights); 0 = no bound.
+    max_update_norm: float = 0.0
 
     def __post_init__(self) -> None:
-        _require(bool(self.output_dir), "output_dir", "must be set")
-        _require(self.num_rounds >= 1, "num_rounds", f"must be >= 1, got {self.num_rounds}")
-        _require(self.min_train_nodes >= 1, "min_train_nodes", f"must be >= 1, got {self.min_train_nodes}")
-        _require(self.min_available_nodes >= self.min_train_nodes, "min_available_nodes",
+        require(bool(self.output_dir), "output_dir", "must be set")
+        require(self.num_rounds >= 1, "num_rounds", f"must be >= 1, got {self.num_rounds}")
+        require(self.min_train_nodes >= 1, "min_train_nodes", f"must be >= 1, got {self.min_train_nodes}")
+        require(self.min_available_nodes >= self.min_train_nodes, "min_available_nodes",
                  f"must be >= min_train_nodes ({self.min_train_nodes}), got {self.min_available_nodes}")
-        _require(0 < self.fraction_train <= 1, "fraction_train", f"must be in (0, 1], got {self.fraction_train}")
-        _require(self.round_timeout_s > 0, "round_timeout_s", f"must be > 0, got {self.round_timeout_s}")
+        require(0 < self.fraction_train <= 1, "fraction_train", f"must be in (0, 1], got {self.fraction_train}")
+        require(self.round_timeout_s > 0, "round_timeout_s", f"must be > 0, got {self.round_timeout_s}")
+        require(1 <= self.quorum <= self.min_train_nodes, "quorum",
+                 f"must be in [1, min_train_nodes ({self.min_train_nodes})], got {self.quorum}")
+        require(self.node_wait_timeout_s > 0, "node_wait_timeout_s", f"must be > 0, got {self.node_wait_timeout_s}")
+        require(self.max_update_norm >= 0, "max_update_norm", f"must be >= 0, got {self.max_update_norm}")
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -194,7 +207,7 @@ class FedsynthConfig:
 
     def __post_init__(self) -> None:
         levels = len(self.model.channels) - 1
-        _require(self.data.image_size % (2 ** levels) == 0, "data.image_size",
+        require(self.data.image_size % (2 ** levels) == 0, "data.image_size",
                  f"must be divisible by 2**(len(model.channels)-1) = {2 ** levels}, got {self.data.image_size}")
 
 
@@ -206,8 +219,8 @@ class PrivacyBudget:
     delta: float
 
     def __post_init__(self) -> None:
-        _require(0 < self.epsilon <= 100, "epsilon", f"must be in (0, 100], got {self.epsilon}")
-        _require(0 < self.delta < 1e-2, "delta", f"must be in (0, 0.01), got {self.delta}")
+        require(0 < self.epsilon <= 100, "epsilon", f"must be in (0, 100], got {self.epsilon}")
+        require(0 < self.delta < 1e-2, "delta", f"must be in (0, 0.01), got {self.delta}")
 
 
 @dataclass(frozen=True)
@@ -220,12 +233,16 @@ class SiteConfig:
     privacy_budget: PrivacyBudget
     labels_csv: str = ""
     allow_non_private: bool = False
+    # The hospital's policy file (client/policy.py): limits and approved apps the server cannot loosen.
+    policy_file: str = ""
+    # true: unreadable image files are reported and skipped; false: any of them stops the site.
+    skip_bad_files: bool = False
 
     def __post_init__(self) -> None:
-        _require(bool(self.site_id) and self.site_id.replace("-", "").replace("_", "").isalnum(), "site_id",
+        require(bool(self.site_id) and self.site_id.replace("-", "").replace("_", "").isalnum(), "site_id",
                  f"must be letters, digits, '-' or '_', got {self.site_id!r}")
-        _require(bool(self.data_dir), "data_dir", "must be set")
-        _require(bool(self.state_dir), "state_dir", "must be set")
+        require(bool(self.data_dir), "data_dir", "must be set")
+        require(bool(self.state_dir), "state_dir", "must be set")
 
 
 # ----------------------------------------------------------------------------------------
@@ -301,7 +318,7 @@ def config_from_dict(cls: type[T], data: Any, source: str) -> T:
         raise ConfigError(f"{source}: {err.key}: {err.reason}") from None
 
 
-def _read_yaml(path: Path) -> Any:
+def read_yaml(path: Path) -> Any:
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -324,7 +341,7 @@ def _resolve(base: Path, value: str) -> str:
 
 def load_federation_config(path: str | Path) -> FedsynthConfig:
     path = Path(path)
-    cfg = config_from_dict(FedsynthConfig, _read_yaml(path), str(path))
+    cfg = config_from_dict(FedsynthConfig, read_yaml(path), str(path))
     fed = dataclasses.replace(
         cfg.federation,
         output_dir=_resolve(path.parent, cfg.federation.output_dir),
@@ -335,12 +352,13 @@ def load_federation_config(path: str | Path) -> FedsynthConfig:
 
 def load_site_config(path: str | Path) -> SiteConfig:
     path = Path(path)
-    cfg = config_from_dict(SiteConfig, _read_yaml(path), str(path))
+    cfg = config_from_dict(SiteConfig, read_yaml(path), str(path))
     return dataclasses.replace(
         cfg,
         data_dir=_resolve(path.parent, cfg.data_dir),
         state_dir=_resolve(path.parent, cfg.state_dir),
         labels_csv=_resolve(path.parent, cfg.labels_csv),
+        policy_file=_resolve(path.parent, cfg.policy_file),
     )
 
 

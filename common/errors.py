@@ -34,6 +34,10 @@ class PrivacyBudgetError(FedsynthError):
     """Training would exceed the site's own privacy budget."""
 
 
+class PolicyError(FedsynthError):
+    """A task would loosen the site's own policy, or comes from an app the site has not approved."""
+
+
 class CheckpointError(FedsynthError):
     """A checkpoint is missing, unreadable or does not match the model."""
 

@@ -1,4 +1,4 @@
-"""The ``fedsynth`` command: demo, simulate, sample and site check."""
+"""The ``fedsynth`` command: demo, simulate, sample and the hospital's ``site`` tools."""
 
 from __future__ import annotations
 
@@ -7,7 +7,9 @@ import logging
 import sys
 from pathlib import Path
 
+from client.site_cli import register_site_commands
 from common.errors import FedsynthError
+from server.deploy_cli import add_deploy_commands
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -46,13 +48,6 @@ def _sample(args: argparse.Namespace) -> int:
     return 0
 
 
-def _site_check(args: argparse.Namespace) -> int:
-    from client.site_check import check_site, print_report
-
-    print_report(check_site(args.data, args.config, args.federation))
-    return 0
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedsynth", description="Federated, differentially private diffusion models of brain MRI.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug details")
@@ -82,13 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--overwrite", action="store_true", help="replace an existing synthetic set in --out")
     sample.set_defaults(func=_sample)
 
-    site = sub.add_parser("site", help="hospital-side tools")
-    site_sub = site.add_subparsers(dest="site_command", required=True)
-    check = site_sub.add_parser("check", help="show what the client will see in a data folder")
-    check.add_argument("--data", help="the hospital's data folder")
-    check.add_argument("--config", help="site YAML (data_dir, labels_csv)")
-    check.add_argument("--federation", help="federation YAML (classes, image size); defaults otherwise")
-    check.set_defaults(func=_site_check)
+    register_site_commands(sub)
+
+    from server.evaluation.command import add_evaluate_parser  # torch and MONAI load only when it runs
+    add_evaluate_parser(sub)
+    add_deploy_commands(sub)  # provision, run: server/deploy_cli.py
     return parser
 
 

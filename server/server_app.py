@@ -8,11 +8,12 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
-from common import keys
+from common import audit_protocol, keys
 from common.checkpoint import Checkpoint, check_output_dir, latest_checkpoint, save_checkpoint
 from common.config import FedsynthConfig, config_to_json, load_federation_config
 from common.errors import ConfigError
 from common.model import build_unet, trainable_state
+from server.audit_app import run_audit_app
 from server.strategy import CheckpointingFedAvg, arrays_to_numpy
 
 log = logging.getLogger("fedsynth.server")
@@ -42,6 +43,9 @@ def _starting_point(cfg: FedsynthConfig) -> tuple[dict, int, dict]:
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     cfg = _load_config(context)
+    if str(context.run_config.get(audit_protocol.RUN_MODE, audit_protocol.MODE_TRAIN)) == audit_protocol.MODE_AUDIT:
+        run_audit_app(grid, context, cfg)  # a memorisation audit of a synthetic set instead of training
+        return
     arrays, rounds_done, sites = _starting_point(cfg)
     remaining = cfg.federation.num_rounds - rounds_done
     if remaining > 0:

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from common import keys
+from common.audit_protocol import MODE_TRAIN, RUN_MODE
 from common.checkpoint import check_output_dir
 from common.config import FedsynthConfig
 from common.errors import FederationError
@@ -34,6 +36,10 @@ clientapp = "client.client_app:app"
 [tool.flwr.app.config]
 config = ""
 sim-site-configs = ""
+mode = "train"
+audit-synthetic = ""
+audit-thresholds = ""
+audit-out = ""
 """
 
 
@@ -82,14 +88,21 @@ def completed_rounds(metrics_file: Path) -> int:
 
 
 def run_simulation(cfg: FedsynthConfig, config_path: Path, site_configs: list[Path], workdir: Path,
-                   timeout_s: float = 3600.0, progress: bool = True) -> SimulationResult:
-    """Run ``cfg`` with one simulated SuperNode per site config; raises if the run does not complete."""
-    check_output_dir(cfg)  # fail in a second, not after Flower has started
+                   timeout_s: float = 3600.0, progress: bool = True,
+                   extra_run_config: dict[str, str] | None = None, app: Path | None = None) -> SimulationResult:
+    """Run ``cfg`` with one simulated SuperNode per site config; raises if the run does not complete.
+
+    ``extra_run_config`` adds run-config keys, e.g. ``{"mode": "audit", "audit-synthetic": DIR}``;
+    ``app`` submits another app folder than this checkout (tests wrap the ServerApp with it).
+    """
+    extra = dict(extra_run_config or {})
+    if extra.get(RUN_MODE, MODE_TRAIN) == MODE_TRAIN:
+        check_output_dir(cfg)  # fail in a second, not after Flower has started
     started = time.time()
     run_config = {keys.RUN_CONFIG_PATH: str(config_path.resolve()),
-                  keys.RUN_SIM_SITES: ",".join(str(p.resolve()) for p in site_configs)}
+                  keys.RUN_SIM_SITES: ",".join(str(p.resolve()) for p in site_configs), **extra}
     with local_superlink(workdir / "flower") as link:
-        run_id = submit_run(link, app_dir(workdir), run_config, num_supernodes=len(site_configs))
+        run_id = submit_run(link, app or app_dir(workdir), run_config, num_supernodes=len(site_configs))
         status = _follow(link, run_id, cfg, timeout_s, progress)
         save_run_log(link, run_id, workdir / "run.log")
     rounds = completed_rounds(cfg.federation.metrics_file)
@@ -101,19 +114,32 @@ def run_simulation(cfg: FedsynthConfig, config_path: Path, site_configs: list[Pa
 
 
 def _follow(link, run_id: int, cfg: FedsynthConfig, timeout_s: float, progress: bool) -> str:
+    def check_superlink() -> None:
+        if link.process.poll() is not None:
+            raise FederationError(f"the SuperLink exited (code {link.process.returncode}) during run {run_id}; see {link.log_file}")
+
+    return follow_run(run_id, lambda: str(run_status(link, run_id).get("status", "")), cfg, timeout_s, progress,
+                      check_superlink)
+
+
+def follow_run(run_id: int, read_status: Callable[[], str], cfg: FedsynthConfig, timeout_s: float, progress: bool,
+               check_alive: Callable[[], None] = lambda: None, poll_s: float = 2.0) -> str:
+    """Show rounds done (from ``metrics.jsonl``) until Flower reports the run finished; returns its status.
+
+    ``read_status`` asks the SuperLink (local or remote); ``check_alive`` raises if what
+    runs the federation has died, so a dead SuperLink is reported rather than waited on.
+    """
     deadline = time.monotonic() + timeout_s
     columns = (TextColumn("[bold]federation[/]"), BarColumn(), TextColumn("round {task.completed}/{task.total}"),
                TextColumn("{task.fields[status]}"), TimeElapsedColumn())
     with Progress(*columns, disable=not progress, transient=False) as bar:
         task = bar.add_task("rounds", total=cfg.federation.num_rounds, status="starting")
         while True:
-            row = run_status(link, run_id)
-            status = str(row.get("status", ""))
+            status = read_status()
             bar.update(task, completed=completed_rounds(cfg.federation.metrics_file), status=status)
             if status.startswith("finished"):
                 return status
             if time.monotonic() > deadline:
                 raise FederationError(f"run {run_id} did not finish within {timeout_s:.0f} s (last status '{status}')")
-            if link.process.poll() is not None:
-                raise FederationError(f"the SuperLink exited (code {link.process.returncode}) during run {run_id}; see {link.log_file}")
-            time.sleep(2.0)
+            check_alive()
+            time.sleep(poll_s)

@@ -16,7 +16,9 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 from common import keys
 from common.checkpoint import Checkpoint, round_checkpoint_path, save_checkpoint
 from common.config import FedsynthConfig
+from common.errors import FederationError
 from common.fileio import append_jsonl
+from server.update_checks import update_problem
 
 log = logging.getLogger("fedsynth.server")
 
@@ -66,25 +68,66 @@ class CheckpointingFedAvg(FedAvg):
         self.rounds_done = rounds_done
         self.sites: dict[str, dict[str, float]] = dict(sites or {})
         self._round_started = time.time()
+        self._global: dict[str, Any] = {}
+
+    def _wait_for_nodes(self, grid: Grid, fed_round: int) -> None:
+        """Flower's FedAvg waits forever for nodes; a consortium needs to stop cleanly instead."""
+        need = max(self.min_available_nodes, self.min_train_nodes)
+        deadline = time.monotonic() + self.cfg.federation.node_wait_timeout_s
+        while (have := len(list(grid.get_node_ids()))) < need:
+            if time.monotonic() > deadline:
+                raise FederationError(
+                    f"round {fed_round}: only {have} of the {need} required sites connected within "
+                    f"{self.cfg.federation.node_wait_timeout_s:g} s; stopping, last checkpoint (round {fed_round - 1}) intact"
+                )
+            time.sleep(1.0)
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         self._round_started = time.time()
+        self._wait_for_nodes(grid, self.rounds_done + server_round)
+        self._global = arrays_to_numpy(arrays)
         return super().configure_train(self.rounds_done + server_round, arrays, config, grid)
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        self._wait_for_nodes(grid, self.rounds_done + server_round)
         return super().configure_evaluate(self.rounds_done + server_round, arrays, config, grid)
+
+    def _accepted(self, fed_round: int, replies: list[Message]) -> list[Message]:
+        """Replies whose update passes :func:`update_problem`; the others are logged with the site's name."""
+        accepted = []
+        for msg in replies:
+            if msg.has_error():
+                continue
+            content = msg.content
+            if keys.ARRAYS not in content.array_records or keys.METRICS not in content.metric_records:
+                problem = "reply lacks its arrays or metrics record"
+            else:
+                problem = update_problem(arrays_to_numpy(content[keys.ARRAYS]), self._global, content[keys.METRICS],
+                                         self.cfg.federation.max_update_norm)
+            if problem is None:
+                accepted.append(msg)
+                continue
+            site_id = self._site_id(msg)
+            log.warning("round %d: rejected the update of site %s (node %d): %s", fed_round, site_id, msg.metadata.src_node_id, problem)
+            append_jsonl(self.cfg.federation.metrics_file, {"round": fed_round, "phase": "train", "kind": "rejected",
+                                                           "time": time.time(), "site_id": site_id,
+                                                           "node_id": msg.metadata.src_node_id, "reason": problem})
+        return accepted
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
         fed_round = self.rounds_done + server_round
         self._log_replies(fed_round, "train", replies)
-        arrays, metrics = super().aggregate_train(server_round, replies)
+        accepted = self._accepted(fed_round, replies)
+        if len(accepted) < self.cfg.federation.quorum:
+            raise FederationError(
+                f"round {fed_round}: {len(accepted)} site update(s) accepted of {len(replies)} replies, below the "
+                f"quorum of {self.cfg.federation.quorum}; stopping, last checkpoint (round {fed_round - 1}) intact"
+            )
+        arrays, metrics = super().aggregate_train(server_round, accepted)
         if arrays is None:
-            log.error("round %d: no site returned an update; keeping the previous model", fed_round)
-            return arrays, metrics
-        for msg in replies:
-            if msg.has_error():
-                continue
+            raise FederationError(f"round {fed_round}: aggregation produced no model")
+        for msg in accepted:
             m = msg.content[keys.METRICS]
             site_id = self._site_id(msg)
             entry = self.sites.setdefault(site_id, {"rounds": 0})
@@ -94,8 +137,9 @@ class CheckpointingFedAvg(FedAvg):
         save_checkpoint(path, Checkpoint(self.cfg, arrays_to_numpy(arrays), fed_round, self.sites))
         append_jsonl(self.cfg.federation.metrics_file, {
             "round": fed_round, "phase": "train", "kind": "aggregate", "time": time.time(),
-            "round_seconds": time.time() - self._round_started, "sites": len([r for r in replies if not r.has_error()]),
-            "failures": len([r for r in replies if r.has_error()]), "checkpoint": str(path),
+            "round_seconds": time.time() - self._round_started, "sites": len(accepted),
+            "failures": len([r for r in replies if r.has_error()]), "rejected": len(replies) - len(accepted) - len([r for r in replies if r.has_error()]),
+            "checkpoint": str(path),
             **({k: _finite_or_none(float(v)) for k, v in metrics.items()} if metrics else {}),
         })
         log.info("round %d: checkpoint written to %s", fed_round, path)

@@ -12,12 +12,17 @@ from pathlib import Path
 import pytest
 import yaml
 
+from client.audit_log import read_audit
 from client.ledger import PrivacyLedger
+from client.policy import app_code_hash
 from common.checkpoint import list_round_checkpoints, load_checkpoint
 from common.config import load_federation_config
 from common.errors import ConfigError
 from server.simulation import run_simulation
 from tests.conftest import tiny_federation, write_shapes_dataset, write_site
+
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _flower_processes_under(flwr_home: Path) -> list[int]:
@@ -44,7 +49,12 @@ def _metrics(cfg) -> list[dict]:
 def test_two_sites_two_rounds_then_resume(tmp_path: Path) -> None:
     data_a = write_shapes_dataset(tmp_path / "data-a", per_class=10, seed=1)
     data_b = write_shapes_dataset(tmp_path / "data-b", per_class=6, seed=2)
-    sites = [write_site(tmp_path / "sites", "site-a", data_a), write_site(tmp_path / "sites", "site-b", data_b)]
+    # Site a has a policy approving exactly the code under test: the app check passes in a real run.
+    policy_a = tmp_path / "policy-a.yaml"
+    policy_a.write_text(yaml.safe_dump({"max_epsilon": 50.0, "max_delta": 1e-5, "min_noise_multiplier": 0.5,
+                                        "max_grad_norm": 1.0, "min_patients": 5, "approved_apps": [app_code_hash(REPO)]}))
+    sites = [write_site(tmp_path / "sites", "site-a", data_a, policy_file=str(policy_a)),
+             write_site(tmp_path / "sites", "site-b", data_b)]
     fed_path = tmp_path / "federation.yaml"
     fed_path.write_text(yaml.safe_dump(tiny_federation(tmp_path / "server")))
     cfg = load_federation_config(fed_path)
@@ -67,6 +77,15 @@ def test_two_sites_two_rounds_then_resume(tmp_path: Path) -> None:
     trained = {(r["round"], r["site_id"]) for r in rows if r["kind"] == "site" and r["phase"] == "train"}
     assert trained == {(1, "site-a"), (1, "site-b"), (2, "site-a"), (2, "site-b")}
     assert {r["round"] for r in rows if r["kind"] == "aggregate" and r["phase"] == "evaluate"} == {1, 2}
+    for site_id in ("site-a", "site-b"):
+        audit = read_audit(tmp_path / "sites" / site_id / "state")
+        assert [(r["message_type"], r["server_round"], r["outcome"]) for r in audit] == [
+            ("train", 1, "ok"), ("evaluate", 1, "ok"), ("train", 2, "ok"), ("evaluate", 2, "ok")]
+        assert audit[2]["epsilon_before"] == pytest.approx(audit[0]["epsilon_after"])
+        assert audit[2]["epsilon_after"] == pytest.approx(final.sites[site_id]["epsilon"])
+        assert all(r["bytes_sent"] > 0 and len(r["app_hash"]) == 64 for r in audit)
+        assert audit[0]["config"]["fedsynth-config"]["privacy"]["noise_multiplier"] == 1.0
+        assert audit[0]["bytes_sent"] > 4 * sum(v.size for v in final.arrays.values())  # the weights went out
 
     # Starting over in the same folder would overwrite the checkpoints: refused.
     with pytest.raises(Exception, match="already holds 2 round checkpoint"):
@@ -80,6 +99,10 @@ def test_two_sites_two_rounds_then_resume(tmp_path: Path) -> None:
     site_b = yaml.safe_load(sites[1].read_text())
     site_b["privacy_budget"]["epsilon"] = spent_b + 0.01
     sites[1].write_text(yaml.safe_dump(site_b))
+    # Site c joins with a policy that approves another app: it refuses, costing nothing.
+    policy_c = tmp_path / "policy-c.yaml"
+    policy_c.write_text(yaml.safe_dump({"max_epsilon": 50.0, "max_delta": 1e-5, "approved_apps": ["0" * 64]}))
+    sites.append(write_site(tmp_path / "sites", "site-c", data_a, policy_file=str(policy_c)))
     cfg3 = load_federation_config(fed_path)
     result = run_simulation(cfg3, fed_path, sites, tmp_path / "work-resume", progress=False)
     assert result.rounds_completed == 3
@@ -88,9 +111,19 @@ def test_two_sites_two_rounds_then_resume(tmp_path: Path) -> None:
     assert PrivacyLedger.open(tmp_path / "sites" / "site-a" / "state").total_steps == 3 * cfg.training.local_steps
     assert PrivacyLedger.open(tmp_path / "sites" / "site-b" / "state").total_steps == 2 * cfg.training.local_steps
     failures = [r for r in _metrics(cfg3) if r["kind"] == "failure" and r["round"] == 3 and r["phase"] == "train"]
-    assert len(failures) == 1
-    assert "over the site's budget" in failures[0]["reason"]
-    assert str(tmp_path) not in failures[0]["reason"]
+    reasons = sorted(r["reason"] for r in failures)
+    assert len(reasons) == 2
+    assert "over the site's budget" in reasons[0]
+    assert "site policy refuses the task: app code" in reasons[1]
+    assert all(str(tmp_path) not in r for r in reasons)
+    assert not Path(tmp_path / "sites" / "site-c" / "state" / "privacy_ledger.json").exists()
+    refused = [r for r in read_audit(tmp_path / "sites" / "site-c" / "state") if r["message_type"] == "train"]
+    assert refused[0]["outcome"].startswith("refused: site policy refuses the task")
+    # Ledgers agree with the audit logs: every step taken is counted once, none is forgotten.
+    for site_id in ("site-a", "site-b", "site-c"):
+        state = tmp_path / "sites" / site_id / "state"
+        taken = sum(r["steps"] for r in read_audit(state) if r["message_type"] == "train" and r["outcome"] == "ok")
+        assert PrivacyLedger.open(state).total_steps == taken
 
 
 def test_missing_run_config_is_a_clear_error(tmp_path: Path) -> None:

@@ -1,0 +1,135 @@
+"""The hospital's policy: limits and approved apps that the coordinator cannot loosen.
+
+The policy file is named by the site config (``policy_file``), which the SuperNode's node
+config names in turn, so only the hospital can change it. Every train task is checked
+against it *before* any data is touched or any privacy budget is spent:
+
+* the app's code must be one the hospital approved (by :func:`app_code_hash`);
+* the requested noise multiplier may not be below the floor, nor the clipping norm above
+  the ceiling;
+* the site must hold at least ``min_patients`` training patients;
+* the privacy ceiling is the tightest of the site budget, the policy and the federation's
+  own per-site cap: the server can lower it, never raise it.
+
+Example policy file::
+
+    max_epsilon: 8.0
+    max_delta: 1.0e-5
+    min_noise_multiplier: 0.8
+    max_grad_norm: 1.0
+    min_patients: 50
+    approved_apps:
+      - 3f1c...e9   # output of `fedsynth site app-hash PATH` on the reviewed code
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import zipfile
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+from common.config import FedsynthConfig, PrivacyBudget, SiteConfig, config_from_dict, read_yaml, require
+from common.errors import PolicyError
+
+ANY_APP = "any"
+CODE_PACKAGES = ("common", "client", "server")
+
+
+@dataclass(frozen=True)
+class SitePolicy:
+    max_epsilon: float
+    max_delta: float
+    min_noise_multiplier: float = 0.5
+    max_grad_norm: float = 10.0
+    min_patients: int = 1
+    approved_apps: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        require(0 < self.max_epsilon <= 100, "max_epsilon", f"must be in (0, 100], got {self.max_epsilon}")
+        require(0 < self.max_delta < 1e-2, "max_delta", f"must be in (0, 0.01), got {self.max_delta}")
+        require(self.min_noise_multiplier >= 0, "min_noise_multiplier", f"must be >= 0, got {self.min_noise_multiplier}")
+        require(self.max_grad_norm > 0, "max_grad_norm", f"must be > 0, got {self.max_grad_norm}")
+        require(self.min_patients >= 1, "min_patients", f"must be >= 1, got {self.min_patients}")
+        require(all(a == ANY_APP or (len(a) == 64 and all(c in "0123456789abcdef" for c in a)) for a in self.approved_apps),
+                 "approved_apps", f"entries must be 64 lower-case hex digits (sha256) or '{ANY_APP}'")
+
+
+def load_site_policy(path: str | Path) -> SitePolicy:
+    return config_from_dict(SitePolicy, read_yaml(Path(path)), str(path))
+
+
+def _code_files_from_dir(root: Path) -> dict[str, bytes]:
+    files: dict[str, bytes] = {}
+    for package in CODE_PACKAGES:
+        for path in sorted((root / package).rglob("*.py")):
+            rel = path.relative_to(root).as_posix()
+            if "__pycache__" in rel or "/tests/" in f"/{rel}":
+                continue
+            files[rel] = path.read_bytes()
+    return files
+
+
+def _code_files_from_fab(fab: Path) -> dict[str, bytes]:
+    with zipfile.ZipFile(io.BytesIO(fab.read_bytes())) as archive:
+        return {name: archive.read(name) for name in sorted(archive.namelist())
+                if name.endswith(".py") and name.split("/", 1)[0] in CODE_PACKAGES and "__pycache__" not in name}
+
+
+def hash_code_files(files: dict[str, bytes]) -> str:
+    """sha256 over (path, sha256 of content) of every code file, in path order."""
+    digest = hashlib.sha256()
+    for rel in sorted(files):
+        digest.update(rel.encode("utf-8") + b"\0" + hashlib.sha256(files[rel]).digest())
+    return digest.hexdigest()
+
+
+def app_code_hash(path: str | Path) -> str:
+    """The hash a site approves: of the Python code in ``common/``, ``client/`` and ``server/``.
+
+    ``path`` is a checkout, an unpacked app bundle or a ``.fab`` file; all three give the same
+    hash for the same code, so an admin can hash what they reviewed and compare.
+    """
+    path = Path(path)
+    files = _code_files_from_fab(path) if path.is_file() else _code_files_from_dir(path)
+    if not files:
+        raise PolicyError(f"{path}: no fedsynth code found (expected {', '.join(CODE_PACKAGES)} packages)")
+    return hash_code_files(files)
+
+
+@lru_cache(maxsize=1)
+def running_app_hash() -> str:
+    """Hash of the code this ClientApp is running (the app bundle Flower unpacked)."""
+    return app_code_hash(Path(__file__).resolve().parents[1])
+
+
+def privacy_ceiling(site: SiteConfig, policy: SitePolicy | None, cfg: FedsynthConfig) -> PrivacyBudget:
+    """The tightest of the site's budget, its policy and the federation's cap."""
+    epsilon, delta = site.privacy_budget.epsilon, site.privacy_budget.delta
+    if policy is not None:
+        epsilon, delta = min(epsilon, policy.max_epsilon), min(delta, policy.max_delta)
+    if cfg.privacy.max_epsilon_per_site > 0:
+        epsilon = min(epsilon, cfg.privacy.max_epsilon_per_site)
+    return PrivacyBudget(epsilon=epsilon, delta=delta)
+
+
+def _refuse(reason: str) -> PolicyError:
+    return PolicyError(f"site policy refuses the task: {reason}", public=f"site policy refuses the task: {reason}")
+
+
+def enforce_policy(policy: SitePolicy | None, cfg: FedsynthConfig, app_hash: str, num_train_patients: int) -> None:
+    """Raise :class:`PolicyError` if the task would loosen the site's policy."""
+    if policy is None:
+        return
+    if ANY_APP not in policy.approved_apps and app_hash not in policy.approved_apps:
+        raise _refuse(f"app code {app_hash[:12]}... is not among the {len(policy.approved_apps)} approved app(s)")
+    if not cfg.privacy.enabled:
+        raise _refuse("training without DP is not allowed by the policy")
+    if cfg.privacy.noise_multiplier < policy.min_noise_multiplier:
+        raise _refuse(f"noise multiplier {cfg.privacy.noise_multiplier} is below the policy's minimum {policy.min_noise_multiplier}")
+    if cfg.privacy.max_grad_norm > policy.max_grad_norm:
+        raise _refuse(f"clipping norm {cfg.privacy.max_grad_norm} is above the policy's maximum {policy.max_grad_norm}")
+    if num_train_patients < policy.min_patients:
+        raise _refuse(f"{num_train_patients} training patients, fewer than the policy's minimum {policy.min_patients}")

@@ -1,0 +1,1 @@
+"""Scoring a synthetic set: fidelity, diversity, utility and memorisation (``fedsynth evaluate``)."""

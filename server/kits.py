@@ -1,0 +1,266 @@
+"""The files a provisioned federation is made of: where each lives, what it holds, its mode.
+
+``DIR/`` (the coordinator keeps it; ``ca/ca.key`` belongs offline)::
+
+    provision.json                  server address, sites, public key fingerprints
+    ca/ca.key, ca/ca.pem            the federation's CA (the key is in no kit)
+    server/                         server kit: ca.pem, server.pem, server.key,
+                                    site-keys/<site>.pub, start-superlink.sh, register-sites.sh
+    sites/<site>/                   site kit: ca.pem, supernode.key, supernode.pub,
+                                    site.yaml, start-supernode.sh
+
+A site kit holds only its own private key; the server kit holds public keys only. Private
+keys are 0600 in 0700 folders. Every write is atomic, and a key file that already exists
+is never written again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from common import keys
+from common.config import SiteConfig, config_from_dict
+from common.errors import FedsynthError
+from common.fileio import write_bytes_atomic
+
+MANIFEST = "provision.json"
+CA_CERT = "ca.pem"
+SERVER_CERT = "server.pem"
+SERVER_KEY = "server.key"
+SITE_KEYS_DIR = "site-keys"
+START_SUPERLINK = "start-superlink.sh"
+REGISTER_SITES = "register-sites.sh"
+NODE_KEY = "supernode.key"
+NODE_PUB = "supernode.pub"
+SITE_CONFIG = "site.yaml"
+START_SUPERNODE = "start-supernode.sh"
+
+SERVER_KIT_FILES = (CA_CERT, SERVER_CERT, SERVER_KEY, START_SUPERLINK, REGISTER_SITES)
+SITE_KIT_FILES = (CA_CERT, NODE_KEY, NODE_PUB, SITE_CONFIG, START_SUPERNODE)
+
+# Where the images and manifests in deploy/ mount things; the site.yaml template points there.
+CONTAINER_KIT = "/etc/fedsynth/kit"
+CONTAINER_SCANS = "/data/scans"
+CONTAINER_SITE_STATE = "/var/lib/fedsynth"
+
+PRIVATE, PUBLIC, SCRIPT, FOLDER = 0o600, 0o644, 0o755, 0o700
+# Flower's own variables: no phoning home, and no `uv sync` of app dependencies at run time
+# (the SuperLink honours FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION; a SuperNode never
+# installs unless started with --allow-runtime-dependency-installation).
+FLOWER_QUIET_ENV = ("FLWR_TELEMETRY_ENABLED=0", "FLWR_DISABLE_UPDATE_CHECK=1",
+                    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1")
+
+
+class ProvisionError(FedsynthError):
+    """Provisioning was refused: it would overwrite keys, or the request is invalid."""
+
+
+@dataclass(frozen=True)
+class Layout:
+    root: Path
+
+    @property
+    def manifest(self) -> Path:
+        return self.root / MANIFEST
+
+    @property
+    def ca_dir(self) -> Path:
+        return self.root / "ca"
+
+    @property
+    def ca_key(self) -> Path:
+        return self.ca_dir / "ca.key"
+
+    @property
+    def ca_cert(self) -> Path:
+        return self.ca_dir / CA_CERT
+
+    @property
+    def server_dir(self) -> Path:
+        return self.root / "server"
+
+    @property
+    def sites_dir(self) -> Path:
+        return self.root / "sites"
+
+    def site_dir(self, site: str) -> Path:
+        return self.sites_dir / site
+
+    def site_key(self, site: str) -> Path:
+        return self.site_dir(site) / NODE_KEY
+
+    def registered_key(self, site: str) -> Path:
+        return self.server_dir / SITE_KEYS_DIR / f"{site}.pub"
+
+
+@dataclass(frozen=True)
+class KitSettings:
+    superlink: str  # host:port the sites dial
+    port: int
+    epsilon: float
+    delta: float
+
+
+def _write(path: Path, data: bytes, mode: int, overwrite: bool = False) -> None:
+    """Atomic write; the temp file is created 0600, so a key is never readable by others, even briefly."""
+    if path.exists() and not overwrite:
+        raise ProvisionError(f"{path} already exists: refusing to overwrite it")
+    _folder(path.parent)
+    write_bytes_atomic(path, data)
+    os.chmod(path, mode)
+
+
+def _folder(path: Path) -> None:
+    if not path.exists():
+        path.mkdir(parents=True, mode=FOLDER)
+        os.chmod(path, FOLDER)  # mkdir's mode is filtered by the umask
+
+
+def write_ca(layout: Layout, key_pem: bytes, cert_pem: bytes) -> None:
+    _folder(layout.root)
+    _write(layout.ca_key, key_pem, PRIVATE)
+    _write(layout.ca_cert, cert_pem, PUBLIC)
+
+
+def write_server_tls(layout: Layout, ca_pem: bytes, key_pem: bytes, cert_pem: bytes) -> None:
+    _write(layout.server_dir / CA_CERT, ca_pem, PUBLIC)
+    _write(layout.server_dir / SERVER_KEY, key_pem, PRIVATE)
+    _write(layout.server_dir / SERVER_CERT, cert_pem, PUBLIC)
+
+
+def write_site_kit(layout: Layout, site: str, ca_pem: bytes, private_key: bytes, public_key: bytes,
+                   settings: KitSettings) -> None:
+    """One hospital's kit, plus its public key in the server kit for registration."""
+    if layout.site_dir(site).exists():
+        raise ProvisionError(f"{layout.site_dir(site)} already exists but {layout.manifest} does not list "
+                             f"site '{site}': refusing to write a key into it")
+    kit = layout.site_dir(site)
+    _write(kit / NODE_KEY, private_key, PRIVATE)
+    _write(kit / NODE_PUB, public_key, PUBLIC)
+    _write(kit / CA_CERT, ca_pem, PUBLIC)
+    _write(kit / SITE_CONFIG, render_site_config(site, settings).encode(), PUBLIC)
+    _write(kit / START_SUPERNODE, render_start_supernode(settings).encode(), SCRIPT)
+    _write(layout.registered_key(site), public_key, PUBLIC)
+
+
+def write_server_scripts(layout: Layout, sites: list[str], settings: KitSettings) -> None:
+    """The scripts depend only on the address, which a re-run cannot change: written once."""
+    for name, text in ((START_SUPERLINK, render_start_superlink(settings)),
+                       (REGISTER_SITES, render_register_sites(settings))):
+        if not (layout.server_dir / name).exists():
+            _write(layout.server_dir / name, text.encode(), SCRIPT)
+
+
+def write_manifest(layout: Layout, manifest: dict) -> None:
+    _write(layout.manifest, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode(), PUBLIC, overwrite=True)
+
+
+def render_site_config(site: str, settings: KitSettings) -> str:
+    text = f"""\
+# fedsynth site config of {site}: this hospital's own settings. It never leaves the site and
+# the coordinator cannot change it. Review the privacy budget before joining a federation.
+# Relative paths are relative to this file; the absolute ones below are where the hospital
+# container (deploy/hospital.Dockerfile) mounts the scans and the state folder.
+site_id: {site}                      # public name shown to the coordinator
+data_dir: {CONTAINER_SCANS}                # <class>/ folders of PNG/JPEG/NIfTI, mounted read-only
+labels_csv: ""                       # optional: CSV with columns file,label[,patient_id]
+state_dir: {CONTAINER_SITE_STATE}         # privacy_ledger.json lives here: back it up, never delete it
+privacy_budget:                      # total over every DP step this site ever takes, all runs
+  epsilon: {settings.epsilon!r}
+  delta: {settings.delta:.1e}
+allow_non_private: false             # refuse federations that ask for training without DP
+"""
+    # The template must always load: a kit that fails on the hospital's first start is worse than no kit.
+    config_from_dict(SiteConfig, yaml.safe_load(text), f"site.yaml template of {site}")
+    return text
+
+
+_PREAMBLE = """\
+#!/bin/sh
+# Generated by `fedsynth provision`. {purpose}
+set -eu
+KIT="$(cd "$(dirname "$0")" && pwd)"
+export {env}
+"""
+
+
+def render_start_superlink(settings: KitSettings) -> str:
+    preamble = _PREAMBLE.format(purpose="Starts the SuperLink: TLS on one port, only registered SuperNodes.",
+                                env=" ".join(FLOWER_QUIET_ENV))
+    return preamble + f"""\
+# FEDSYNTH_BIND (default 0.0.0.0) and FEDSYNTH_PORT (default {settings.port}): the one port that
+#   serves the hospitals (Fleet API) and the coordinator's flwr CLI (Control API).
+# FEDSYNTH_SERVER_STATE (default $KIT/state): the SuperLink database. It holds the registered
+#   site keys: on throwaway storage every site would have to be registered again.
+# Extra arguments go to flower-superlink, e.g. --health-server-address 0.0.0.0:9098
+STATE="${{FEDSYNTH_SERVER_STATE:-$KIT/state}}"
+mkdir -p "$STATE"
+exec flower-superlink \\
+    --ssl-ca-certfile "$KIT/{CA_CERT}" --ssl-certfile "$KIT/{SERVER_CERT}" --ssl-keyfile "$KIT/{SERVER_KEY}" \\
+    --enable-supernode-auth --isolation subprocess --disable-runtime-dependency-installation \\
+    --database "$STATE/superlink.db" \\
+    --host "${{FEDSYNTH_BIND:-0.0.0.0}}" --port "${{FEDSYNTH_PORT:-{settings.port}}}" "$@"
+"""
+
+
+def render_register_sites(settings: KitSettings) -> str:
+    preamble = _PREAMBLE.format(purpose="Registers site public keys with the running SuperLink.",
+                                env=" ".join(FLOWER_QUIET_ENV))
+    return preamble + f"""\
+# Usage: register-sites.sh [SUPERLINK_ADDRESS [SITE ...]]
+#   SUPERLINK_ADDRESS defaults to 127.0.0.1:{settings.port} (run it on the server host); SITE
+#   defaults to every key in site-keys/. A key is registered once; `flwr supernode list` shows them.
+ADDRESS="${{1:-127.0.0.1:{settings.port}}}"
+[ $# -gt 0 ] && shift
+FLWR_HOME="$(mktemp -d)"
+export FLWR_HOME
+trap 'rm -rf "$FLWR_HOME"' EXIT
+cat >"$FLWR_HOME/config.toml" <<EOF
+[superlink]
+default = "fedsynth"
+
+[superlink.fedsynth]
+address = "$ADDRESS"
+root-certificates = "$KIT/{CA_CERT}"
+EOF
+if [ $# -eq 0 ]; then
+    for key in "$KIT/{SITE_KEYS_DIR}"/*.pub; do set -- "$@" "$(basename "$key" .pub)"; done
+fi
+status=0
+for site in "$@"; do
+    key="$KIT/{SITE_KEYS_DIR}/$site.pub"
+    if [ ! -f "$key" ]; then
+        echo "register-sites: no public key for site '$site' ($key)" >&2
+        status=1
+    elif ! flwr supernode register "$key" fedsynth --name "$site"; then
+        echo "register-sites: site '$site' was not registered (already registered? see flwr supernode list)" >&2
+        status=1
+    fi
+done
+exit $status
+"""
+
+
+def render_start_supernode(settings: KitSettings) -> str:
+    preamble = _PREAMBLE.format(purpose="Starts this hospital's SuperNode (one outbound TLS connection).",
+                                env=" ".join(FLOWER_QUIET_ENV[:2]))
+    return preamble + f"""\
+# FEDSYNTH_SUPERLINK (default {settings.superlink}): the coordinator's SuperLink, host:port.
+# FEDSYNTH_SITE_CONFIG (default $KIT/{SITE_CONFIG}): this site's config (data, state, budget).
+# FEDSYNTH_NUM_THREADS (optional): torch threads per training process.
+# Extra arguments go to flower-supernode, e.g. --health-server-address 127.0.0.1:9098
+SITE_CONFIG="${{FEDSYNTH_SITE_CONFIG:-$KIT/{SITE_CONFIG}}}"
+NODE_CONFIG="{keys.NODE_SITE_CONFIG}=\\"$SITE_CONFIG\\""
+if [ -n "${{FEDSYNTH_NUM_THREADS:-}}" ]; then
+    NODE_CONFIG="$NODE_CONFIG {keys.NODE_NUM_THREADS}=$FEDSYNTH_NUM_THREADS"
+fi
+exec flower-supernode \\
+    --superlink "${{FEDSYNTH_SUPERLINK:-{settings.superlink}}}" --root-certificates "$KIT/{CA_CERT}" \\
+    --auth-supernode-private-key "$KIT/{NODE_KEY}" --isolation subprocess \\
+    --node-config "$NODE_CONFIG" "$@"
+"""

@@ -1,0 +1,162 @@
+"""Submit a federation to a deployed SuperLink over TLS, follow it, fail loudly when it fails.
+
+``fedsynth run`` is the deployed counterpart of ``fedsynth simulate``: the same app, the
+same progress bar, but the SuperLink and the hospitals' SuperNodes are already running
+(see deploy/). The ``flwr`` CLI gets a private ``FLWR_HOME`` holding a single connection
+(address and CA), so the coordinator's own ``~/.flwr`` is neither read nor changed.
+
+``flwr run`` returns as soon as the run is submitted, and even ``--stream`` exits 0 when
+a run fails, so the outcome is read from ``flwr list --run-id``. Rounds are counted from
+``metrics.jsonl``, which the ServerApp writes on the SuperLink host: the bar moves only
+where ``federation.output_dir`` is readable (on that host, or a shared folder); elsewhere
+only the run's status is shown.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+
+from common import keys
+from common.checkpoint import check_output_dir
+from common.config import load_federation_config
+from common.errors import ConfigError, FederationError
+from server.local_federation import flower_env
+from server.simulation import app_dir, completed_rounds, follow_run, last_error
+
+CONNECTION = "fedsynth"
+_ADDRESS = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):(\d{1,5})$")
+
+
+@dataclass(frozen=True)
+class RemoteRunRequest:
+    superlink: str
+    ca: Path
+    config: Path
+    server_config: str = ""
+    """The federation YAML's path as the ServerApp on the SuperLink host reads it; default: ``config``'s."""
+    app: Path | None = None
+    log_file: Path | None = None
+    timeout_s: float = 7 * 24 * 3600.0
+    progress: bool = True
+
+
+@dataclass(frozen=True)
+class RemoteRunResult:
+    run_id: int
+    status: str
+    seconds: float
+    rounds_completed: int
+    log_file: Path
+
+
+class RemoteSuperLink:
+    """The ``flwr`` CLI pointed at one deployed SuperLink through a private ``FLWR_HOME``."""
+
+    def __init__(self, address: str, ca: Path, flwr_home: Path) -> None:
+        self.address = address
+        self.flwr_home = flwr_home
+        flwr_home.mkdir(parents=True, exist_ok=True)
+        # json.dumps gives a valid TOML basic string for any path, quotes and backslashes included
+        (flwr_home / "config.toml").write_text(
+            f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
+            f"address = {json.dumps(address)}\nroot-certificates = {json.dumps(str(ca.resolve()))}\n"
+        )
+
+    def flwr(self, *args: str, timeout_s: float = 120.0, cwd: Path | None = None) -> subprocess.CompletedProcess:
+        try:
+            return subprocess.run(["flwr", *args], env=flower_env(self.flwr_home), capture_output=True, text=True,
+                                  timeout=timeout_s, cwd=cwd)
+        except subprocess.TimeoutExpired:
+            raise FederationError(f"flwr {args[0]} got no answer from the SuperLink at {self.address} "
+                                  f"within {timeout_s:.0f} s") from None
+
+    def _json(self, proc: subprocess.CompletedProcess, what: str) -> dict:
+        try:
+            payload = json.loads(proc.stdout[proc.stdout.index("{"):])
+            if payload.get("success") is False:
+                raise ValueError(payload.get("error-message", "failed"))
+            return payload
+        except (ValueError, TypeError, AttributeError) as err:
+            raise FederationError(f"{what} failed at {self.address} (exit {proc.returncode}: {err}):\n"
+                                  f"{proc.stdout.strip()}\n{proc.stderr.strip()}") from None
+
+    def submit(self, app: Path, run_config: dict[str, str]) -> int:
+        overrides = " ".join(f"{k}={json.dumps(v)}" for k, v in run_config.items())
+        proc = self.flwr("run", str(app), CONNECTION, "--run-config", overrides, "--format", "json",
+                         timeout_s=300.0, cwd=app)
+        return int(self._json(proc, "flwr run")["run-id"])
+
+    def status(self, run_id: int) -> str:
+        proc = self.flwr("list", CONNECTION, "--run-id", str(run_id), "--format", "json")
+        runs = self._json(proc, "flwr list").get("runs") or [{}]
+        return str(runs[0].get("status", ""))
+
+    def stop(self, run_id: int) -> None:
+        self.flwr("stop", str(run_id), CONNECTION)
+
+    def save_log(self, run_id: int, path: Path) -> None:
+        """The ServerApp's log as the SuperLink kept it; a missing log must not hide the run's outcome."""
+        try:
+            proc = self.flwr("log", str(run_id), CONNECTION, "--show", timeout_s=60.0)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(proc.stdout + proc.stderr)
+        except (OSError, FederationError):
+            pass
+
+
+def check_address(address: str) -> str:
+    match = _ADDRESS.match(address)
+    if not match or not 1 <= int(match.group(2)) <= 65535:
+        raise ConfigError(f"--superlink: expected HOST:PORT (no https://), e.g. superlink.example.org:9093, got {address!r}")
+    return address
+
+
+def check_ca(path: Path) -> Path:
+    try:
+        x509.load_pem_x509_certificates(path.read_bytes())
+    except FileNotFoundError:
+        raise ConfigError(f"--ca {path}: file not found (use ca.pem from the server kit)") from None
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"--ca {path}: not a PEM certificate ({err}); use ca.pem from the server kit") from None
+    return path
+
+
+def run_remote(req: RemoteRunRequest) -> RemoteRunResult:
+    """Submit ``req.config`` to the SuperLink and wait for the run; raises unless it completes."""
+    check_address(req.superlink)
+    check_ca(req.ca)
+    cfg = load_federation_config(req.config)
+    check_output_dir(cfg)  # where the output folder is visible from here, refuse to clobber it in a second
+    server_config = req.server_config or str(req.config.resolve())
+    started = time.time()
+    with tempfile.TemporaryDirectory(prefix="fedsynth-run-") as tmp:
+        link = RemoteSuperLink(req.superlink, req.ca, Path(tmp) / "flwr-home")
+        app = req.app or app_dir(Path(tmp))
+        run_id = link.submit(app, {keys.RUN_CONFIG_PATH: server_config})
+        try:
+            status = follow_run(run_id, lambda: link.status(run_id), cfg, req.timeout_s, req.progress)
+        except KeyboardInterrupt:
+            link.stop(run_id)  # the run would otherwise go on with no one able to reach it
+            raise FederationError(f"interrupted: run {run_id} was stopped on the SuperLink") from None
+        log_file = req.log_file or _default_log(cfg.federation.output_dir, run_id)
+        link.save_log(run_id, log_file)
+    rounds = completed_rounds(cfg.federation.metrics_file)
+    if not status.endswith("completed"):
+        cause = last_error(log_file)
+        raise FederationError(f"run {run_id} ended as '{status}'" + (f": {cause}" if cause else "")
+                              + f"; log: {log_file}")
+    return RemoteRunResult(run_id, status, time.time() - started, rounds, log_file)
+
+
+def _default_log(output_dir: str, run_id: int) -> Path:
+    """Next to the outputs when they are on this machine, else in the current folder."""
+    folder = Path(output_dir)
+    return (folder if folder.is_dir() else Path.cwd()) / f"run-{run_id}.log"

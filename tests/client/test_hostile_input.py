@@ -1,0 +1,182 @@
+"""Hostile and broken input at a site: each bad file is named with its reason; with skip_bad_files the
+site trains on the good files and reports the bad ones; without it the site stops with a clear error."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from PIL import Image
+
+from client.site_data import load_site_slices, require_readable
+from common.config import DataConfig
+from common.errors import SiteDataError
+
+CLASSES = ("glioma", "meningioma", "méningiome ü")
+CFG = DataConfig(image_size=16, min_foreground=0.01)
+
+
+def _volume(shape: tuple[int, ...], fill: float | None = None) -> np.ndarray:
+    rng = np.random.default_rng(0)
+    data = rng.uniform(10, 100, shape).astype(np.float32) if fill is None else np.full(shape, fill, np.float32)
+    return data
+
+
+def _nii(path: Path, data: np.ndarray, affine: np.ndarray | None = None) -> None:
+    nib.save(nib.Nifti1Image(data, np.eye(4) if affine is None else affine), path)
+
+
+def _good(root: Path) -> None:
+    (root / "glioma").mkdir(parents=True, exist_ok=True)
+    for i in range(3):
+        Image.fromarray(np.random.default_rng(i).integers(20, 250, (20, 20), dtype=np.uint8)).save(root / "glioma" / f"ok-{i}.png")
+
+
+def _truncated_gz(p: Path) -> None:
+    _nii(p, _volume((8, 8, 8)))
+    p.write_bytes(p.read_bytes()[: len(p.read_bytes()) // 2])
+
+
+def _four_d(p: Path) -> None:
+    _nii(p, _volume((8, 8, 8, 3)))
+
+
+def _nan_volume(p: Path) -> None:
+    data = _volume((8, 8, 8))
+    data[0, 0, :] = np.nan
+    data[1, 1, :] = np.inf
+    _nii(p, data)
+
+
+def _sheared(p: Path) -> None:
+    affine = np.array([[1.0, 0.3, 0, 0], [0, 0.9, 0.2, 0], [0.1, 0, 1.1, 0], [0, 0, 0, 1]])
+    _nii(p, _volume((8, 10, 12)), affine)
+
+
+def _jpeg_corrupt(p: Path) -> None:
+    Image.fromarray(np.full((20, 20), 128, np.uint8)).save(p, format="JPEG")
+    p.write_bytes(p.read_bytes()[:60])
+
+
+def _png16(p: Path) -> None:
+    Image.fromarray(np.linspace(0, 65535, 400, dtype=np.uint16).reshape(20, 20)).save(p)
+
+
+def _rgba(p: Path) -> None:
+    rgba = np.random.default_rng(1).integers(0, 255, (20, 20, 4), dtype=np.uint8)
+    Image.fromarray(rgba, "RGBA").save(p)
+
+
+def _huge(p: Path) -> None:
+    Image.fromarray(np.tile(np.linspace(0, 255, 4096, dtype=np.uint8), (4096, 1))).save(p)
+
+
+# (file name, maker, loads: True when the file must be usable, reason expected otherwise)
+CASES: list[tuple[str, Callable[[Path], None], bool, str]] = [
+    ("truncated.nii.gz", _truncated_gz, False, "truncated"),
+    ("not-nifti.nii", lambda p: p.write_bytes(b"<html>not a volume</html>" * 30), False, "unrecognised"),
+    ("four-d.nii.gz", _four_d, False, "4D"),
+    ("four-d-singleton.nii.gz", lambda p: _nii(p, _volume((8, 8, 8, 1))), True, ""),
+    ("two-d.nii.gz", lambda p: _nii(p, _volume((12, 12))), True, ""),
+    ("nan-inf.nii.gz", _nan_volume, True, ""),
+    ("all-zero.nii.gz", lambda p: _nii(p, _volume((8, 8, 8), fill=0.0)), False, "no signal"),
+    ("zero-byte.nii.gz", lambda p: p.write_bytes(b""), False, "empty"),
+    ("zero-byte.png", lambda p: p.write_bytes(b""), False, ""),
+    ("corrupt.jpg", _jpeg_corrupt, False, ""),
+    ("sixteen-bit.png", _png16, True, ""),
+    ("rgba.png", _rgba, True, ""),
+    ("sheared.nii.gz", _sheared, True, ""),
+    ("huge.png", _huge, True, ""),
+]
+
+
+@pytest.mark.parametrize(("name", "make", "loads", "reason"), CASES, ids=[c[0] for c in CASES])
+def test_each_bad_file_is_named_and_good_files_still_train(tmp_path: Path, name: str, make, loads: bool, reason: str) -> None:
+    _good(tmp_path)
+    make(tmp_path / "glioma" / name)
+    slices = load_site_slices(tmp_path, CLASSES, CFG)
+    assert np.isfinite(slices.images).all() and slices.images.min() >= -1 and slices.images.max() <= 1
+    assert slices.images.shape[1:] == (1, 16, 16)
+    bad = {s.path: s.reason for s in slices.unreadable()}
+    if loads:
+        assert not bad, bad
+        assert any(name.split(".")[0] in p for p in slices.patients)
+        return
+    assert f"glioma/{name}" in bad
+    assert reason.lower() in bad[f"glioma/{name}"].lower()
+    assert len(slices) == 3  # the three good images
+    require_readable(slices, tmp_path, skip_bad_files=True)  # with the skip option: trains on the rest
+    with pytest.raises(SiteDataError) as err:
+        require_readable(slices, tmp_path, skip_bad_files=False)
+    assert name in str(err.value) and "skip_bad_files" in str(err.value)
+    assert name not in err.value.public and str(tmp_path) not in err.value.public  # nothing local reaches the server
+
+
+def test_unicode_and_space_class_folders(tmp_path: Path) -> None:
+    _good(tmp_path)
+    (tmp_path / "méningiome ü").mkdir()
+    shutil.copy(tmp_path / "glioma" / "ok-0.png", tmp_path / "méningiome ü" / "scan 1.png")
+    (tmp_path / "glioma grade 2").mkdir()
+    shutil.copy(tmp_path / "glioma" / "ok-0.png", tmp_path / "glioma grade 2" / "x.png")
+    slices = load_site_slices(tmp_path, CLASSES, CFG)
+    assert slices.counts_per_class()["méningiome ü"] == 1
+    skipped = {s.path: s.reason for s in slices.skipped}
+    assert "not in the federation's classes" in skipped["glioma grade 2/x.png"]
+    assert not slices.unreadable()  # another class is not an error, only not ours
+
+
+def test_folder_of_only_non_images_and_empty_folder(tmp_path: Path) -> None:
+    (tmp_path / "glioma").mkdir()
+    (tmp_path / "glioma" / "report.pdf").write_bytes(b"%PDF-1.4")
+    (tmp_path / "glioma" / "notes.txt").write_text("x")
+    with pytest.raises(SiteDataError, match="no usable slice.*not an image or NIfTI file"):
+        load_site_slices(tmp_path, CLASSES, CFG)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(SiteDataError, match="no class sub-folders"):
+        load_site_slices(empty, CLASSES, CFG)
+
+
+def test_symlink_loop_ends(tmp_path: Path) -> None:
+    _good(tmp_path)
+    os.symlink(tmp_path / "glioma", tmp_path / "glioma" / "loop")
+    assert len(load_site_slices(tmp_path, CLASSES, CFG)) == 3
+
+
+def _load_as_nobody(root: Path, queue) -> None:  # runs in a forked child
+    os.setgid(65534)
+    os.setuid(65534)
+    slices = load_site_slices(root, ["glioma"], DataConfig(image_size=16))
+    queue.put((len(slices), [(x.path, x.reason) for x in slices.unreadable()]))
+
+
+@pytest.mark.skipif(not hasattr(os, "setuid") or os.geteuid() != 0, reason="needs root to drop to another user")
+def test_unreadable_file_permissions() -> None:
+    """Root reads every file, so the loader runs as 'nobody' in a forked child (modules already loaded)."""
+    import multiprocessing
+
+    root = Path("/tmp") / f"fedsynth-perm-{os.getpid()}"
+    try:
+        _good(root)
+        load_site_slices(root, ["glioma"], DataConfig(image_size=16))  # import every lazy module first
+        secret = root / "glioma" / "secret.png"
+        shutil.copy(root / "glioma" / "ok-0.png", secret)
+        for path in [root, *root.rglob("*")]:
+            os.chmod(path, 0o755 if path.is_dir() else 0o644)
+        os.chmod(secret, 0o000)
+        ctx = multiprocessing.get_context("fork")
+        queue = ctx.Queue()
+        child = ctx.Process(target=_load_as_nobody, args=(root, queue))
+        child.start()
+        count, bad = queue.get(timeout=60)
+        child.join(timeout=30)
+        assert count == 3
+        assert bad == [("glioma/secret.png", "permission denied")]
+    finally:
+        shutil.rmtree(root, ignore_errors=True)

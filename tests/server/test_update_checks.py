@@ -1,0 +1,84 @@
+"""Server-side validation of site updates: bad replies are rejected and the site named."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, Metadata, MetricRecord, RecordDict
+
+from common import keys
+from common.config import FedsynthConfig, config_from_dict
+from common.errors import FederationError
+from server.strategy import CheckpointingFedAvg
+from server.update_checks import update_problem
+from tests.conftest import tiny_federation
+
+GLOBAL = {"a": np.zeros((2, 3), np.float32), "b": np.ones(4, np.float32)}
+GOOD = {"a": np.full((2, 3), 0.1, np.float32), "b": np.ones(4, np.float32)}
+
+
+@pytest.mark.parametrize(
+    ("update", "metrics", "bound", "reason"),
+    [
+        ({**GOOD, "a": np.array([[np.nan, 0, 0], [0, 0, 0]], np.float32)}, {}, 0, "a holds NaN or Inf"),
+        ({**GOOD, "b": np.array([1, 1, np.inf, 1], np.float32)}, {}, 0, "b holds NaN or Inf"),
+        ({"a": GOOD["a"]}, {}, 0, "1 array(s) missing, e.g. b"),
+        ({**GOOD, "c": GOOD["b"]}, {}, 0, "1 unexpected array(s), e.g. c"),
+        ({**GOOD, "a": np.zeros((3, 2), np.float32)}, {}, 0, "a has shape (3, 2), expected (2, 3)"),
+        ({**GOOD, "a": np.zeros((2, 3), np.float64)}, {}, 0, "a has dtype float64, expected float32"),
+        ({**GOOD, "a": np.full((2, 3), 10.0, np.float32)}, {}, 5.0, "update norm 24.5 exceeds the bound 5"),
+        (GOOD, {"num-examples": 0}, 0, "metric 'num-examples' is 0"),
+        (GOOD, {"num-examples": float("nan")}, 0, "metric 'num-examples' is nan"),
+    ],
+)
+def test_bad_updates_are_named(update: dict, metrics: dict, bound: float, reason: str) -> None:
+    assert update_problem(update, GLOBAL, {"num-examples": 10, **metrics}, bound).startswith(reason)
+
+
+def test_good_update_passes() -> None:
+    assert update_problem(GOOD, GLOBAL, {"num-examples": 10}, max_update_norm=1.0) is None
+
+
+def _reply(node_id: int, site: str, arrays: dict, num_examples: float = 10) -> Message:
+    """A reply as the SuperLink hands it to the ServerApp (metadata filled in by Flower there)."""
+    metadata = Metadata(run_id=1, message_id=f"m{node_id}", src_node_id=node_id, dst_node_id=0, reply_to_message_id="r",
+                        group_id="1", created_at=time.time(), ttl=60.0, message_type="train")
+    return Message(metadata=metadata, content=RecordDict({
+        keys.ARRAYS: ArrayRecord(array_dict={k: Array(v) for k, v in arrays.items()}),
+        keys.METRICS: MetricRecord({keys.NUM_EXAMPLES: num_examples, keys.EPSILON: 1.0, keys.DELTA: 1e-5}),
+        keys.SITE: ConfigRecord({keys.SITE_ID: site}),
+    }))
+
+
+def _strategy(tmp_path: Path, **federation: object) -> CheckpointingFedAvg:
+    raw = tiny_federation(tmp_path / "server", federation=federation)
+    strategy = CheckpointingFedAvg(config_from_dict(FedsynthConfig, raw, "test"))
+    strategy._global = GLOBAL
+    return strategy
+
+
+def test_strategy_averages_good_sites_only_and_logs_the_bad_one(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    strategy = _strategy(tmp_path, quorum=2)
+    nan = {**GOOD, "a": np.full((2, 3), np.nan, np.float32)}
+    other = {"a": np.full((2, 3), 0.3, np.float32), "b": np.ones(4, np.float32)}
+    with caplog.at_level(logging.WARNING, logger="fedsynth.server"):
+        arrays, _ = strategy.aggregate_train(1, [_reply(1, "good-1", GOOD), _reply(2, "bad", nan), _reply(3, "good-2", other, 30)])
+    assert np.allclose(arrays["a"].numpy(), 0.25)  # (0.1 * 10 + 0.3 * 30) / 40
+    assert "rejected the update of site bad (node 2): a holds NaN or Inf" in caplog.text
+    rows = [json.loads(line) for line in strategy.cfg.federation.metrics_file.read_text().splitlines()]
+    assert [r["site_id"] for r in rows if r["kind"] == "rejected"] == ["bad"]
+    assert set(strategy.sites) == {"good-1", "good-2"}
+    assert (tmp_path / "server" / "checkpoints" / "round-0001.pt").exists()
+
+
+def test_below_quorum_stops_without_a_checkpoint(tmp_path: Path) -> None:
+    strategy = _strategy(tmp_path, quorum=2)
+    wrong = {"a": GOOD["a"]}
+    with pytest.raises(FederationError, match="1 site update\\(s\\) accepted of 2 replies, below the quorum of 2"):
+        strategy.aggregate_train(1, [_reply(1, "good", GOOD), _reply(2, "bad", wrong)])
+    assert not (tmp_path / "server" / "checkpoints").exists()
