@@ -28,7 +28,7 @@ def add_deploy_commands(sub: argparse._SubParsersAction) -> None:
     run.add_argument("--server-config", metavar="PATH",
                      help="the federation YAML's path on the SuperLink host, if not the same as --config")
     run.add_argument("--app", metavar="DIR", help="the Flower app to submit (default: this installation)")
-    run.add_argument("--log", metavar="FILE", help="where to save the run's log (default: output_dir/run-ID.log)")
+    run.add_argument("--log", metavar="FILE", help="where to write the run's log as it happens (default: ./fedsynth-run-ID.log)")
     run.add_argument("--timeout", type=float, default=7 * 24 * 3600.0, help="seconds to wait for the run")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     run.set_defaults(func=_run)

@@ -127,12 +127,17 @@ def _signal(pid: int, sig: int) -> None:
 
 
 @contextmanager
-def local_superlink(workdir: Path, startup_timeout_s: float = 60.0) -> Iterator[LocalSuperLink]:
-    """A simulation SuperLink on a free loopback port, stopped by PID when the block exits."""
+def local_superlink(workdir: Path, startup_timeout_s: float = 60.0, simulation: bool = True,
+                    port: int | None = None, database: Path | None = None) -> Iterator[LocalSuperLink]:
+    """A SuperLink on a loopback port (free unless given), stopped by PID when the block exits.
+
+    ``simulation=False`` gives a plain insecure SuperLink that real SuperNodes on this machine
+    join (tests of crashes and restarts); ``database`` keeps its state across restarts.
+    """
     workdir.mkdir(parents=True, exist_ok=True)
     flwr_home = workdir / "flwr-home"
     flwr_home.mkdir(exist_ok=True)
-    port = free_port()
+    port = port or free_port()
     address = f"127.0.0.1:{port}"
     (flwr_home / "config.toml").write_text(
         f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\naddress = "{address}"\ninsecure = true\n'
@@ -141,8 +146,9 @@ def local_superlink(workdir: Path, startup_timeout_s: float = 60.0) -> Iterator[
     env = flower_env(flwr_home)
     with open(log_file, "ab") as log_handle:
         process = subprocess.Popen(
-            [_bin("flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
-             "--host", "127.0.0.1", "--port", str(port), "--disable-runtime-dependency-installation"],
+            [_bin("flower-superlink"), "--insecure", *(["--simulation"] if simulation else []), "--isolation", "subprocess",
+             "--host", "127.0.0.1", "--port", str(port), "--disable-runtime-dependency-installation",
+             *(["--database", str(database)] if database else [])],
             cwd=workdir, env=env, stdout=log_handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             start_new_session=True,
         )
@@ -168,13 +174,16 @@ def _wait_ready(link: LocalSuperLink, timeout_s: float) -> None:
     raise FederationError(f"flower-superlink did not start within {timeout_s:.0f} s; see {link.log_file}")
 
 
-def submit_run(link: LocalSuperLink, app_dir: Path, run_config: dict[str, str], num_supernodes: int,
+def submit_run(link: LocalSuperLink, app_dir: Path, run_config: dict[str, str], num_supernodes: int | None,
                cpus_per_site: int = 1) -> int:
-    """``flwr run`` the app on the local SuperLink; returns the run id."""
+    """``flwr run`` the app on the local SuperLink; returns the run id.
+
+    ``num_supernodes`` sizes a simulation; ``None`` runs on the SuperNodes that joined.
+    """
     overrides = " ".join(f'{k}="{v}"' for k, v in run_config.items())
-    cmd = [_bin("flwr"), "run", str(app_dir), CONNECTION, "--format", "json",
-           "--run-config", overrides,
-           "--federation-config", f"num-supernodes={num_supernodes} client-resources-num-cpus={cpus_per_site}"]
+    cmd = [_bin("flwr"), "run", str(app_dir), CONNECTION, "--format", "json", "--run-config", overrides]
+    if num_supernodes is not None:
+        cmd += ["--federation-config", f"num-supernodes={num_supernodes} client-resources-num-cpus={cpus_per_site}"]
     proc = subprocess.run(cmd, env=link.env(), capture_output=True, text=True, timeout=300, cwd=app_dir)
     try:
         payload = json.loads(proc.stdout[proc.stdout.index("{"):])

@@ -6,7 +6,10 @@ same progress bar, but the SuperLink and the hospitals' SuperNodes are already r
 (address and CA), so the coordinator's own ``~/.flwr`` is neither read nor changed.
 
 ``flwr run`` returns as soon as the run is submitted, and even ``--stream`` exits 0 when
-a run fails, so the outcome is read from ``flwr list --run-id``. Rounds are counted from
+a run fails, so the outcome is read from ``flwr list --run-id``. Asking that every few
+seconds would start the CLI (a second of CPU) each time; instead ``flwr log --stream``
+writes the run's log to a file as it happens and ends when the run ends, and the status
+is asked when it does (and every 30 s in case the stream is lost). Rounds are counted from
 ``metrics.jsonl``, which the ServerApp writes on the SuperLink host: the bar moves only
 where ``federation.output_dir`` is readable (on that host, or a shared folder); elsewhere
 only the run's status is shown.
@@ -28,10 +31,12 @@ from common import keys
 from common.checkpoint import check_output_dir
 from common.config import load_federation_config
 from common.errors import ConfigError, FederationError
-from server.local_federation import flower_env
+from server.local_federation import flower_env, stop_process_tree
 from server.simulation import app_dir, completed_rounds, follow_run, last_error
 
 CONNECTION = "fedsynth"
+STATUS_EVERY_S = 30.0
+LOST_STREAM_ASK_S = 5.0
 _ADDRESS = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):(\d{1,5})$")
 
 
@@ -99,17 +104,41 @@ class RemoteSuperLink:
         runs = self._json(proc, "flwr list").get("runs") or [{}]
         return str(runs[0].get("status", ""))
 
+    def stream_log(self, run_id: int, log_file: Path) -> subprocess.Popen:
+        """``flwr log --stream`` into ``log_file``; the SuperLink ends the stream when the run finishes."""
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        with open(log_file, "ab") as handle:
+            return subprocess.Popen(["flwr", "log", str(run_id), CONNECTION, "--stream"], env=flower_env(self.flwr_home),
+                                    stdout=handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    start_new_session=True)
+
     def stop(self, run_id: int) -> None:
         self.flwr("stop", str(run_id), CONNECTION)
 
-    def save_log(self, run_id: int, path: Path) -> None:
-        """The ServerApp's log as the SuperLink kept it; a missing log must not hide the run's outcome."""
-        try:
-            proc = self.flwr("log", str(run_id), CONNECTION, "--show", timeout_s=60.0)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(proc.stdout + proc.stderr)
-        except (OSError, FederationError):
-            pass
+
+class RunWatch:
+    """A run's status, asked of the SuperLink when its log stream ends, else every ``STATUS_EVERY_S``."""
+
+    def __init__(self, link: RemoteSuperLink, run_id: int, log_file: Path) -> None:
+        self.link, self.run_id, self.log_file = link, run_id, log_file
+        self.stream = link.stream_log(run_id, log_file)
+        self.streamed_at = time.monotonic()
+        self.last_status, self.asked_at, self.stream_ended = "", -float("inf"), False
+
+    def status(self) -> str:
+        if not self.stream_ended and self.stream.poll() is not None:
+            self.stream_ended, self.asked_at = True, -float("inf")  # most likely the run ended: ask now
+        now = time.monotonic()
+        if now - self.asked_at < (LOST_STREAM_ASK_S if self.stream_ended else STATUS_EVERY_S):
+            return self.last_status
+        self.last_status, self.asked_at = self.link.status(self.run_id), now
+        if self.stream_ended and not self.last_status.startswith("finished") and now - self.streamed_at >= STATUS_EVERY_S:
+            # the connection dropped mid-run: stream again (the log file then repeats from the top)
+            self.stream, self.streamed_at, self.stream_ended = self.link.stream_log(self.run_id, self.log_file), now, False
+        return self.last_status
+
+    def close(self) -> None:
+        stop_process_tree(self.stream, grace_s=5.0)
 
 
 def check_address(address: str) -> str:
@@ -141,13 +170,15 @@ def run_remote(req: RemoteRunRequest) -> RemoteRunResult:
         link = RemoteSuperLink(req.superlink, req.ca, Path(tmp) / "flwr-home")
         app = req.app or app_dir(Path(tmp))
         run_id = link.submit(app, {keys.RUN_CONFIG_PATH: server_config})
+        log_file = req.log_file or Path.cwd() / f"fedsynth-run-{run_id}.log"
+        watch = RunWatch(link, run_id, log_file)
         try:
-            status = follow_run(run_id, lambda: link.status(run_id), cfg, req.timeout_s, req.progress)
+            status = follow_run(run_id, watch.status, cfg, req.timeout_s, req.progress, poll_s=1.0)
         except KeyboardInterrupt:
             link.stop(run_id)  # the run would otherwise go on with no one able to reach it
             raise FederationError(f"interrupted: run {run_id} was stopped on the SuperLink") from None
-        log_file = req.log_file or _default_log(cfg.federation.output_dir, run_id)
-        link.save_log(run_id, log_file)
+        finally:
+            watch.close()
     rounds = completed_rounds(cfg.federation.metrics_file)
     if not status.endswith("completed"):
         cause = last_error(log_file)
@@ -155,8 +186,3 @@ def run_remote(req: RemoteRunRequest) -> RemoteRunResult:
                               + f"; log: {log_file}")
     return RemoteRunResult(run_id, status, time.time() - started, rounds, log_file)
 
-
-def _default_log(output_dir: str, run_id: int) -> Path:
-    """Next to the outputs when they are on this machine, else in the current folder."""
-    folder = Path(output_dir)
-    return (folder if folder.is_dir() else Path.cwd()) / f"run-{run_id}.log"

@@ -69,6 +69,10 @@ class CheckpointingFedAvg(FedAvg):
         self.sites: dict[str, dict[str, float]] = dict(sites or {})
         self._round_started = time.time()
         self._global: dict[str, Any] = {}
+        # Messages of this phase; Flower fills in their ids when it sends them. A reply names the
+        # message it answers, which is how an error made up by the SuperLink is traced to its site.
+        self._sent: list[Message] = []
+        self._node_sites: dict[int, str] = {}  # learnt from earlier replies, to name a site that later fails
 
     def _wait_for_nodes(self, grid: Grid, fed_round: int) -> None:
         """Flower's FedAvg waits forever for nodes; a consortium needs to stop cleanly instead."""
@@ -86,11 +90,13 @@ class CheckpointingFedAvg(FedAvg):
         self._round_started = time.time()
         self._wait_for_nodes(grid, self.rounds_done + server_round)
         self._global = arrays_to_numpy(arrays)
-        return super().configure_train(self.rounds_done + server_round, arrays, config, grid)
+        self._sent = list(super().configure_train(self.rounds_done + server_round, arrays, config, grid))
+        return self._sent
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         self._wait_for_nodes(grid, self.rounds_done + server_round)
-        return super().configure_evaluate(self.rounds_done + server_round, arrays, config, grid)
+        self._sent = list(super().configure_evaluate(self.rounds_done + server_round, arrays, config, grid))
+        return self._sent
 
     def _accepted(self, fed_round: int, replies: list[Message]) -> list[Message]:
         """Replies whose update passes :func:`update_problem`; the others are logged with the site's name."""
@@ -164,13 +170,31 @@ class CheckpointingFedAvg(FedAvg):
             return str(site[keys.SITE_ID])
         return f"node-{msg.metadata.src_node_id}"
 
+    def _reply_node(self, msg: Message) -> int:
+        for sent in self._sent:
+            if sent.metadata.message_id and sent.metadata.message_id == msg.metadata.reply_to_message_id:
+                return sent.metadata.dst_node_id
+        return msg.metadata.src_node_id
+
     def _log_replies(self, fed_round: int, phase: str, replies: list[Message]) -> None:
+        answered = {self._reply_node(msg) for msg in replies}
+        for node_id in sorted({m.metadata.dst_node_id for m in self._sent} - answered):
+            reason = f"no reply within {self.cfg.federation.round_timeout_s:g} s (site crashed or disconnected)"
+            log.warning("round %d %s: node %d: %s", fed_round, phase, node_id, reason)
+            append_jsonl(self.cfg.federation.metrics_file, {"round": fed_round, "phase": phase, "time": time.time(),
+                                                           "node_id": node_id, "site_id": self._node_sites.get(node_id),
+                                                           "kind": "failure", "reason": reason})
         for msg in replies:
-            base = {"round": fed_round, "phase": phase, "time": time.time(), "node_id": msg.metadata.src_node_id}
+            node_id = self._reply_node(msg)
+            base = {"round": fed_round, "phase": phase, "time": time.time(), "node_id": node_id}
             if msg.has_error():
-                log.warning("round %d %s: node %d failed: %s", fed_round, phase, msg.metadata.src_node_id, msg.error.reason)
-                append_jsonl(self.cfg.federation.metrics_file, {**base, "kind": "failure", "reason": msg.error.reason})
+                site_id = self._node_sites.get(node_id)
+                log.warning("round %d %s: site %s (node %d) failed: %s", fed_round, phase, site_id or "?",
+                            node_id, msg.error.reason)
+                append_jsonl(self.cfg.federation.metrics_file, {**base, "kind": "failure", "site_id": site_id,
+                                                               "reason": msg.error.reason})
                 continue
+            self._node_sites[msg.metadata.src_node_id] = self._site_id(msg)
             metrics = msg.content.metric_records.get(keys.METRICS, {})
             values = {k: _finite_or_none(float(v)) for k, v in metrics.items()}
             append_jsonl(self.cfg.federation.metrics_file, {**base, "kind": "site", "site_id": self._site_id(msg), **values})

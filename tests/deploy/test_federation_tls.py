@@ -155,7 +155,8 @@ def test_one_round_with_fedsynth_run(federation: Federation) -> None:
     fed_yaml = federation.root / "federation.yaml"
     fed_yaml.write_text(yaml.safe_dump(tiny_federation(out, federation={"num_rounds": 1})))
     run = subprocess.Popen([sys.executable, "-m", "server.cli", "run", "--superlink", federation.address,
-                            "--ca", str(federation.ca), "--config", str(fed_yaml), "--no-progress"],
+                            "--ca", str(federation.ca), "--config", str(fed_yaml), "--no-progress",
+                            "--log", str(federation.root / "run.log")],
                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                            env={**os.environ, "TERM": "dumb"}, start_new_session=True)
     try:
@@ -170,7 +171,8 @@ def test_one_round_with_fedsynth_run(federation: Federation) -> None:
     local_steps = tiny_federation(out)["training"]["local_steps"]
     for site in ("site-a", "site-b"):
         assert PrivacyLedger.open(federation.root / "state" / site).total_steps == local_steps
-    assert (out / f"run-{stdout.split()[1]}.log").is_file()
+    streamed = (federation.root / "run.log").read_text()
+    assert "[ROUND 1/1]" in streamed and "aggregate_evaluate: Received 2 results and 0 failures" in streamed
 
 
 def test_failed_run_exits_non_zero(federation: Federation) -> None:

@@ -1,0 +1,159 @@
+"""Quality benchmark: central vs federated vs federated+DP diffusion models on real brain MRI.
+
+    python bench/quality.py --preset cpu --out runs/quality-cpu
+    python bench/quality.py --preset gpu --out runs/quality-gpu
+
+Splits ``../shared/data/brain-tumor-mri/train`` into 4 non-IID hospitals and a validation
+set (bench/quality_split.py), trains (a) centrally without DP, (b) federated without DP and
+(c) federated with DP at epsilon 8 per site, each with the same number of optimiser steps
+(bench/quality_train.py), samples each, scores each with ``fedsynth evaluate``'s code
+against the validation set, then sweeps guidance and DDIM steps on one model. Prints one
+table and writes ``quality.json`` and ``quality.md`` (and a full report per model) to --out.
+Measurements only: nothing here asserts a speed or a score.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA_ROOT = ROOT.parent / "shared" / "data"
+sys.path[:0] = [str(ROOT), str(ROOT / "bench")]  # runs from a clone without `pip install -e .` too
+
+from quality_data import load_slices, sample_set  # noqa: E402
+from quality_split import describe, site_slices, split_hospitals  # noqa: E402
+from quality_table import markdown_table, print_table, summarise  # noqa: E402
+from quality_train import ModelPreset, train_central, train_federated  # noqa: E402
+from server.evaluation.classifier import ClassifierSettings  # noqa: E402
+from server.evaluation.evaluate import EvaluationSettings, evaluate_sets, write_report  # noqa: E402
+from server.evaluation.image_sets import ImageSet  # noqa: E402
+from common.fileio import write_bytes_atomic, write_json_atomic  # noqa: E402
+
+PRESETS = {
+    # 2 shared CPU cores, under 45 minutes: the README's "tiny" UNet at 32 px
+    "cpu": dict(model=ModelPreset(image_size=32, channels=(16, 32, 32), rounds=15, local_steps=20, batch_size=32,
+                                  learning_rate=1e-3), samples=400, sweep_samples=200, classifier_steps=400),
+    # one GPU: 64 px, a 4.6M-parameter UNet, 8x the optimiser steps
+    "gpu": dict(model=ModelPreset(image_size=64, channels=(64, 128, 128), rounds=40, local_steps=60, batch_size=64,
+                                  learning_rate=5e-4, head_channels=16), samples=1000, sweep_samples=400, classifier_steps=800),
+}
+GUIDANCE_SWEEP = (0.0, 1.0, 3.0, 5.0)
+STEPS_SWEEP = (10, 25, 50)
+
+
+def machine() -> dict:
+    def cpu_model() -> str:
+        try:
+            return next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                        if line.startswith("model name"))
+        except (OSError, StopIteration):
+            return platform.processor()
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"date": subprocess.run(["date", "-u"], capture_output=True, text=True).stdout.strip(), "nproc": os.cpu_count(),
+            "cpu": cpu_model(), "gpu": gpu, "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+            "python": platform.python_version(), "load_average_at_start": list(os.getloadavg())}
+
+
+def evaluate_model(name: str, synthetic: ImageSet, real_test: ImageSet, real_train: ImageSet, settings: EvaluationSettings,
+                   out: Path, full_report: bool) -> dict:
+    report, figures = evaluate_sets(synthetic, real_test, real_train, settings, out / "classifier-cache", progress=True)
+    if full_report:
+        write_report(out / name, report, figures)
+    return report
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--data", type=Path, default=DATA_ROOT / "brain-tumor-mri" / "train")
+    p.add_argument("--rounds", type=int, help="override the preset (a reduced run); say so when reporting")
+    p.add_argument("--local-steps", type=int, help="override the preset (a reduced run)")
+    p.add_argument("--samples", type=int, help="override the number of images sampled per model")
+    p.add_argument("--steps", type=int, default=50, help="DDIM steps for the main comparison")
+    p.add_argument("--guidance", type=float, default=1.0, help="guidance for the main comparison")
+    p.add_argument("--epsilon", type=float, default=8.0, help="per-site DP budget of run (c)")
+    p.add_argument("--delta", type=float, default=1e-5)
+    p.add_argument("--sweep-model", choices=("central", "federated", "federated_dp"), default="federated_dp")
+    p.add_argument("--no-sweep", action="store_true")
+    p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (the machine may be shared)")
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if not args.data.is_dir():
+        print(f"quality benchmark: {args.data} not found (the real data lives in ../shared/data)", file=sys.stderr)
+        return 2
+    torch.set_num_threads(args.threads)
+    preset = PRESETS[args.preset]
+    model: ModelPreset = dataclasses.replace(preset["model"], **{k: v for k, v in (("rounds", args.rounds),
+                                                                                    ("local_steps", args.local_steps)) if v})
+    samples = args.samples or preset["samples"]
+    reduced = model != preset["model"] or samples != preset["samples"]
+    run_dir = args.out / time.strftime("run-%Y%m%d-%H%M%S")  # fresh privacy ledgers every time
+    started = time.time()
+    result: dict = {"preset": args.preset, "reduced": reduced, "model": dataclasses.asdict(model), "samples": samples,
+                    "sampling": {"steps": args.steps, "guidance": args.guidance}, "machine": machine(), "runs": {}}
+
+    slices = load_slices(args.data, model.image_size, args.out / "cache")
+    split = split_hospitals(slices, args.data, seed=args.seed)
+    result["split"] = describe(split, slices)
+    result["split"]["near_duplicate_images"] = split.near_duplicate_images
+    sites = {h: site_slices(slices, idx, split.groups) for h, idx in split.hospitals.items()}
+    train_index = np.concatenate(list(split.hospitals.values()))
+    as_set = lambda idx, src: ImageSet(slices.images[idx], slices.labels[idx], slices.classes,  # noqa: E731
+                                       [slices.patients[i] for i in idx], src)
+    real_test, real_train = as_set(split.validation, "validation split"), as_set(train_index, "all hospitals")
+    eval_settings = EvaluationSettings(classifier=ClassifierSettings(steps=preset["classifier_steps"], seed=args.seed),
+                                       seed=args.seed)
+
+    trained = {
+        "central": lambda: train_central(model, site_slices(slices, train_index, split.groups), len(sites), run_dir / "central"),
+        "federated": lambda: train_federated(model, sites, run_dir / "federated", False, args.epsilon, args.delta),
+        "federated_dp": lambda: train_federated(model, sites, run_dir / "federated_dp", True, args.epsilon, args.delta,
+                                                label="federated+DP"),
+    }
+    outcomes = {}
+    for name, train in trained.items():
+        outcome = outcomes[name] = train()
+        synthetic, sample_s = sample_set(model, slices.classes, outcome.arrays, samples, args.steps, args.guidance, args.seed)
+        report = evaluate_model(name, synthetic, real_test, real_train, eval_settings, run_dir, full_report=True)
+        result["runs"][name] = {"train_seconds": round(outcome.seconds, 1), "sample_seconds": round(sample_s, 1),
+                                "optimiser_steps": outcome.steps, "epsilon": outcome.epsilon,
+                                "noise_multiplier": outcome.noise_multiplier, "loss_per_round": outcome.losses,
+                                "summary": summarise(report), "report": report}
+        write_json_atomic(args.out / "quality.json", result)  # partial results survive a crash
+    if not args.no_sweep:
+        chosen = outcomes[args.sweep_model]
+        result["sweep"] = {"model": args.sweep_model, "samples": preset["sweep_samples"], "rows": []}
+        for guidance in GUIDANCE_SWEEP:
+            for steps in STEPS_SWEEP:
+                synthetic, sample_s = sample_set(model, slices.classes, chosen.arrays, preset["sweep_samples"], steps,
+                                                 guidance, args.seed)
+                report = evaluate_model("sweep", synthetic, real_test, real_train, eval_settings, run_dir, full_report=False)
+                result["sweep"]["rows"].append({"guidance": guidance, "steps": steps, "sample_seconds": round(sample_s, 1),
+                                                "summary": summarise(report)})
+                write_json_atomic(args.out / "quality.json", result)
+    result["total_seconds"] = round(time.time() - started, 1)
+    write_json_atomic(args.out / "quality.json", result)
+    write_bytes_atomic(args.out / "quality.md", markdown_table(result).encode("utf-8"))
+    print_table(result)
+    print(f"\nwritten: {args.out / 'quality.json'}, {args.out / 'quality.md'}, reports in {run_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
