@@ -16,11 +16,9 @@ import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
-
 from flwr.clientapp import ClientApp
 
 from client.audit_log import TaskRecord, append_task_record

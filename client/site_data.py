@@ -13,14 +13,11 @@ slice at all is an error. Details stay in the site's log: none of this is sent a
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import logging
-import os
-import re
 import threading
 from collections import Counter, OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,26 +26,16 @@ from tqdm import tqdm
 
 from common.config import DataConfig
 from common.errors import SiteDataError
-from common.images import is_image_path, load_image
+from client.site_files import SkippedFile, entries_from_csv, entries_from_folders, walk_files
+from common.images import load_image
 from common.nifti import is_nifti_path, load_volume
 from common.preprocess import foreground_fraction, normalise_intensity, resize_to_model
+
+__all__ = ["SiteSlices", "SkippedFile", "load_site_slices", "load_site_slices_cached", "require_readable"]
 
 log = logging.getLogger(__name__)
 
 SUPPORTED = ".png .jpg .jpeg .nii .nii.gz"
-_CSV_COLUMNS = ("file", "label")
-_BIDS_SUBJECT = re.compile(r"^(sub-[^_]+)_")
-
-
-@dataclass(frozen=True)
-class SkippedFile:
-    """A file that contributed nothing, with why (``path`` relative to the data folder)."""
-
-    path: str
-    reason: str
-    unreadable: bool = False
-    """True for a file that should have been usable (an image or volume that failed to load);
-    False for one that was simply not meant for training (another class, not an image)."""
 
 
 @dataclass
@@ -99,126 +86,6 @@ class SiteSlices:
         for index, patient in enumerate(self.patients):
             groups.setdefault(patient, []).append(index)
         return [np.asarray(groups[p], dtype=np.int64) for p in sorted(groups)]
-
-
-@dataclass(frozen=True)
-class _Entry:
-    path: Path
-    rel: str
-    label: int
-    patient: str
-
-
-def _patient_id(rel: str) -> str:
-    """Images: one patient per file. NIfTI: the BIDS subject when there is one, else the file."""
-    parts = Path(rel).parts
-    if not is_nifti_path(Path(rel)):
-        return str(Path(rel).with_suffix("").as_posix())
-    for part in parts[:-1]:
-        if part.startswith("sub-"):
-            return part
-    name = parts[-1]
-    stem = name[: -len(".nii.gz")] if name.lower().endswith(".gz") else name[: -len(".nii")]
-    match = _BIDS_SUBJECT.match(stem)
-    return match.group(1) if match else stem
-
-
-def _walk_files(top: Path, skipped: list[SkippedFile], root: Path) -> Iterator[Path]:
-    """Non-hidden files below ``top``; linked folders are entered once, so loops end."""
-    seen: set[tuple[int, int]] = set()
-
-    def on_error(err: OSError) -> None:
-        skipped.append(SkippedFile(_rel(Path(err.filename or top), root), f"cannot list folder ({err.strerror})", True))
-
-    for dirpath, dirnames, filenames in os.walk(top, onerror=on_error, followlinks=True):
-        try:
-            stat = os.stat(dirpath)
-        except OSError:
-            dirnames[:] = []
-            continue
-        if (stat.st_dev, stat.st_ino) in seen:
-            dirnames[:] = []
-            continue
-        seen.add((stat.st_dev, stat.st_ino))
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in sorted(filenames):
-            if not name.startswith("."):
-                yield Path(dirpath) / name
-
-
-def _rel(path: Path, root: Path) -> str:
-    try:
-        return path.relative_to(root).as_posix()
-    except ValueError:
-        return str(path)
-
-
-def _is_supported(path: Path) -> bool:
-    return is_image_path(path) or is_nifti_path(path)
-
-
-def _entries_from_folders(root: Path, classes: tuple[str, ...]) -> tuple[list[_Entry], list[SkippedFile]]:
-    entries: list[_Entry] = []
-    skipped: list[SkippedFile] = []
-    for child in sorted(root.iterdir()):
-        if child.name.startswith("."):
-            continue
-        if not child.is_dir():
-            skipped.append(SkippedFile(child.name, "not inside a class sub-folder"))
-            continue
-        for path in _walk_files(child, skipped, root):
-            rel = _rel(path, root)
-            if child.name not in classes:
-                reason = f"class folder '{child.name}' is not in the federation's classes {list(classes)}"
-                skipped.append(SkippedFile(rel, reason))
-            elif not _is_supported(path):
-                skipped.append(SkippedFile(rel, "not an image or NIfTI file"))
-            else:
-                entries.append(_Entry(path, rel, classes.index(child.name), _patient_id(rel)))
-    return entries, skipped
-
-
-def _read_csv_rows(csv_path: Path) -> list[dict[str, str]]:
-    try:
-        with open(csv_path, newline="", encoding="utf-8-sig") as handle:
-            reader = csv.DictReader(handle)
-            columns = [name.strip() for name in reader.fieldnames or []]
-            reader.fieldnames = columns
-            missing = [c for c in _CSV_COLUMNS if c not in columns]
-            if missing:
-                raise SiteDataError(
-                    f"{csv_path}: labels CSV is missing column '{missing[0]}' "
-                    f"(found {columns}; expected file,label and optionally patient_id)"
-                )
-            return [{k: (v or "").strip() for k, v in row.items() if k is not None} for row in reader]
-    except FileNotFoundError:
-        raise SiteDataError(f"{csv_path}: labels CSV not found") from None
-    except (OSError, UnicodeDecodeError, csv.Error) as err:
-        raise SiteDataError(f"{csv_path}: cannot read labels CSV ({err})") from None
-
-
-def _entries_from_csv(
-    csv_path: Path, root: Path, classes: tuple[str, ...]
-) -> tuple[list[_Entry], list[SkippedFile]]:
-    entries: dict[str, _Entry] = {}
-    skipped: list[SkippedFile] = []
-    for line, row in enumerate(_read_csv_rows(csv_path), start=2):
-        rel, label = row["file"], row["label"]
-        path = root / rel
-        if not rel:
-            skipped.append(SkippedFile(f"{csv_path.name} line {line}", "row has no file name"))
-        elif label not in classes:
-            skipped.append(SkippedFile(rel, f"label '{label}' is not in the federation's classes {list(classes)}"))
-        elif rel in entries:
-            skipped.append(SkippedFile(rel, f"listed again in the labels CSV (line {line})"))
-        elif not _is_supported(path):
-            skipped.append(SkippedFile(rel, "not an image or NIfTI file"))
-        elif not path.is_file():
-            skipped.append(SkippedFile(rel, "listed in the labels CSV but not found", True))
-        else:
-            patient = row.get("patient_id") or _patient_id(rel)
-            entries[rel] = _Entry(path, rel, classes.index(label), patient)
-    return list(entries.values()), skipped
 
 
 def _volume_slices(path: Path, cfg: DataConfig) -> tuple[list[np.ndarray], list[tuple[int, int]]]:
@@ -302,9 +169,9 @@ def load_site_slices(
     csv_path = Path(labels_csv).expanduser() if labels_csv else None
     try:
         if csv_path is not None:
-            entries, skipped = _entries_from_csv(csv_path, root, classes)
+            entries, skipped = entries_from_csv(csv_path, root, classes)
         else:
-            entries, skipped = _entries_from_folders(root, classes)
+            entries, skipped = entries_from_folders(root, classes)
     except PermissionError as err:
         raise SiteDataError(f"{root}: cannot list the data folder ({err.strerror})") from None
     entries.sort(key=lambda e: e.rel)
@@ -369,7 +236,7 @@ _CACHE_LOCK = threading.Lock()
 def _fingerprint(root: Path, csv_path: Path | None) -> str:
     """Names, sizes and mtimes of every file: cheap, and changes when any file does."""
     digest = hashlib.sha256()
-    listed = [p for p in _walk_files(root, [], root)] + ([csv_path] if csv_path else [])
+    listed = [p for p in walk_files(root, [], root)] + ([csv_path] if csv_path else [])
     for path in listed:
         try:
             stat = path.stat()

@@ -3,7 +3,6 @@ site trains on the good files and reports the bad ones; without it the site stop
 
 from __future__ import annotations
 
-import gzip
 import os
 import shutil
 from collections.abc import Callable
