@@ -29,6 +29,7 @@ from client.memorisation_audit import audit_request
 from common import audit_protocol, keys
 from common.config import FedsynthConfig, SiteConfig, config_from_dict, load_site_config
 from common.errors import ConfigError, FedsynthError, PolicyError, PrivacyBudgetError, SiteDataError
+from common.transfer import encode_update
 
 log = logging.getLogger("fedsynth.client")
 app = ClientApp()
@@ -153,7 +154,8 @@ def train(msg: Message, task: SiteTask) -> Message:
         keys.STEPS: result.steps,
     })
     return Message(content=RecordDict({
-        keys.ARRAYS: ArrayRecord(array_dict={k: Array(v) for k, v in result.arrays.items()}),
+        keys.ARRAYS: ArrayRecord(array_dict={k: Array(v) for k, v in
+                                             encode_update(result.arrays, task.cfg.federation.transfer_dtype).items()}),
         keys.METRICS: metrics,
         keys.SITE: ConfigRecord({keys.SITE_ID: task.site.site_id}),
     }), reply_to=msg)

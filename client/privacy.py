@@ -1,9 +1,11 @@
-"""DP-SGD with Opacus and the site's privacy accounting (the only module importing opacus).
+"""DP-SGD set-up and the site's privacy accounting (the only module importing opacus).
 
 The unit of privacy is the patient: the training dataset yields one item per patient,
-Poisson sampling draws patients, and Opacus clips one gradient per patient. Epsilon is
-computed over the site's whole ledger (every step of every round of every run), never
-over one round alone.
+Poisson sampling (Opacus' ``DPDataLoader``) draws patients, and one gradient per patient is
+clipped. Per-sample gradients come from :mod:`client.grad_sample` (``grad_sample_mode``
+``fedsynth``, the default: same mechanism, cheaper) or from Opacus' own ``hooks`` /
+``functorch`` modes. Epsilon is computed over the site's whole ledger (every step of every
+round of every run), never over one round alone.
 """
 
 from __future__ import annotations
@@ -11,12 +13,16 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Iterable
+from functools import partial
 
 import torch
 from opacus import PrivacyEngine
 from opacus.accountants import PRVAccountant, RDPAccountant
 from opacus.accountants.accountant import IAccountant
+from opacus.data_loader import DPDataLoader
 from torch.utils.data import DataLoader, Dataset
+
+from client.dp_sgd import DPSGDStep, LocalStep, PlainStep
 
 # Opacus' hooks fire on the first layer, whose input needs no gradient; the warning is noise.
 warnings.filterwarnings("ignore", message="Full backward hook is firing")
@@ -30,6 +36,24 @@ def poisson_sample_rate(num_patients: int, batch_size: int) -> float:
     if num_patients < 1:
         raise ValueError("no patients to sample")
     return 1.0 / math.ceil(num_patients / batch_size)
+
+
+def expected_batch_size(num_patients: int, batch_size: int) -> int:
+    """What Opacus divides the noisy gradient sum by: ``int(patients * sample_rate)``, not ``batch_size``."""
+    return int(num_patients * poisson_sample_rate(num_patients, batch_size))
+
+
+def poisson_loader(dataset: Dataset, batch_size: int, generator: torch.Generator | None = None) -> DPDataLoader:
+    """Opacus' Poisson-sampled loader, built exactly as ``PrivacyEngine.make_private`` builds it."""
+    loader = DPDataLoader.from_data_loader(DataLoader(dataset, batch_size=batch_size, shuffle=False, generator=generator))
+    _check_sample_rate(float(loader.sample_rate), len(dataset), batch_size)  # type: ignore[arg-type]
+    return loader
+
+
+def _check_sample_rate(sample_rate: float, num_patients: int, batch_size: int) -> None:
+    expected = poisson_sample_rate(num_patients, batch_size)
+    if not math.isclose(sample_rate, expected):
+        raise RuntimeError(f"Opacus sample rate {sample_rate} differs from the one accounted ({expected})")
 
 
 def _accountant(name: str) -> IAccountant:
@@ -73,8 +97,9 @@ def make_private(
     noise_multiplier: float,
     max_grad_norm: float,
     generator: torch.Generator | None = None,
+    grad_sample_mode: str = "hooks",
 ) -> tuple[torch.nn.Module, torch.optim.Optimizer, DataLoader, float]:
-    """Wrap model, optimiser and a Poisson-sampled loader over ``dataset`` (one item per patient).
+    """Opacus' way: wrap model, optimiser and a Poisson-sampled loader over ``dataset`` (one item per patient).
 
     Returns:
         The wrapped model, optimiser, loader and the sampling rate the accountant must use.
@@ -91,10 +116,45 @@ def make_private(
             noise_multiplier=noise_multiplier,
             max_grad_norm=max_grad_norm,
             poisson_sampling=True,
-            grad_sample_mode="hooks",
+            grad_sample_mode=grad_sample_mode,
         )
     sample_rate = float(dp_loader.sample_rate)
-    expected = poisson_sample_rate(len(dataset), batch_size)  # type: ignore[arg-type]
-    if not math.isclose(sample_rate, expected):
-        raise RuntimeError(f"Opacus sample rate {sample_rate} differs from the one accounted ({expected})")
+    _check_sample_rate(sample_rate, len(dataset), batch_size)  # type: ignore[arg-type]
     return model, optimizer, dp_loader, sample_rate
+
+
+def make_private_step(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    dataset: Dataset,
+    batch_size: int,
+    noise_multiplier: float,
+    max_grad_norm: float,
+    generator: torch.Generator | None = None,
+    grad_sample_mode: str = "fedsynth",
+) -> tuple[torch.nn.Module, LocalStep, DataLoader]:
+    """The model to train, its DP-SGD step and the Poisson-sampled loader over ``dataset``.
+
+    Whatever the mode, the loader, the clipping, the noise and the accounting are the same;
+    ``fedsynth`` leaves the model unwrapped and skips Opacus' hooks.
+    """
+    if grad_sample_mode == "fedsynth":
+        loader = poisson_loader(dataset, batch_size, generator)
+        expected = expected_batch_size(len(dataset), batch_size)  # type: ignore[arg-type]
+        return model, DPSGDStep(model, optimizer, noise_multiplier, max_grad_norm, expected), loader
+    model, optimizer, loader, _ = make_private(model, optimizer, dataset, batch_size, noise_multiplier, max_grad_norm,
+                                               generator=generator, grad_sample_mode=grad_sample_mode)
+    return model, PlainStep(optimizer, empty=partial(_noise_only_step, optimizer)), loader
+
+
+def _noise_only_step(optimizer: torch.optim.Optimizer) -> None:
+    """An empty Poisson batch is still a DP step: the update is noise alone.
+
+    Skipping it would change the sampling distribution the accountant assumes.
+    """
+    optimizer.zero_grad(set_to_none=True)
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if p.requires_grad:
+                p.grad_sample = torch.zeros((0, *p.shape), device=p.device, dtype=p.dtype)
+    optimizer.step()

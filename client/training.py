@@ -10,18 +10,21 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from client.dp_sgd import LocalStep, PlainStep
 from client.ledger import PrivacyLedger
 from client.policy import SitePolicy, enforce_policy, privacy_ceiling
-from client.privacy import make_private, poisson_sample_rate
+from client.privacy import make_private_step, poisson_sample_rate
 from client.site_data import SiteSlices
 from common.config import FedsynthConfig, SiteConfig
 from common.errors import PrivacyBudgetError
 from common.model import (
+    autocast_dtype,
     build_train_scheduler,
     build_unet,
     diffusion_loss,
@@ -46,9 +49,11 @@ class TrainResult:
 class PatientDataset(Dataset):
     """One item per patient: a random one of that patient's slices, drawn afresh each time."""
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray, groups: list[np.ndarray], seed: int) -> None:
-        self.images = torch.from_numpy(images)
-        self.labels = torch.from_numpy(labels)
+    def __init__(self, images: np.ndarray, labels: np.ndarray, groups: list[np.ndarray], seed: int,
+                 device: torch.device | None = None) -> None:
+        # On a GPU the whole (small) site set lives there: batches are gathered without host copies.
+        self.images = torch.from_numpy(images).to(device or "cpu")
+        self.labels = torch.from_numpy(labels).to(device or "cpu")
         self.groups = groups
         self.rng = np.random.default_rng(seed)
 
@@ -127,43 +132,48 @@ def train_round(
     seed = _round_seed(cfg, site.site_id, server_round)
     torch.manual_seed(seed)
     device = pick_device()
+    amp_dtype = autocast_dtype(cfg.training.mixed_precision, device)
     model = build_unet(cfg.model)
     load_trainable_state(model, global_arrays)
     model.to(device).train()
+    if amp_dtype is not None:  # tensor-core convolutions want NHWC; weights still travel as float32 NCHW arrays
+        model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.training.learning_rate)
-    dataset = PatientDataset(slices.images, slices.labels, train_groups, seed)
-    generator = torch.Generator().manual_seed(seed)
+    dataset = PatientDataset(slices.images, slices.labels, train_groups, seed, device=device)
+    generator = torch.Generator().manual_seed(seed)  # patient sampling: always on the CPU
+    # Noise and timesteps: the same CPU stream as ever on a CPU, drawn on the GPU on a GPU.
+    noise_rng = generator if device.type == "cpu" else torch.Generator(device=device).manual_seed(seed)
+    stepper: LocalStep
     if cfg.privacy.enabled:
-        model, optimizer, loader, _ = make_private(
-            model, optimizer, dataset, cfg.training.batch_size,
-            cfg.privacy.noise_multiplier, cfg.privacy.max_grad_norm, generator=generator,
+        model, stepper, loader = make_private_step(
+            model, optimizer, dataset, cfg.training.batch_size, cfg.privacy.noise_multiplier,
+            cfg.privacy.max_grad_norm, generator=generator, grad_sample_mode=cfg.privacy.grad_sample_mode,
         )
     else:
         loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.training.batch_size, shuffle=True, generator=generator)
+        stepper = PlainStep(optimizer)
 
     scheduler = build_train_scheduler(cfg.diffusion)
-    losses: list[float] = []
+    losses: list[torch.Tensor] = []  # kept on the device: reading each one back would sync every step
     steps = 0
     while steps < cfg.training.local_steps:
         for images, labels in loader:
             if steps >= cfg.training.local_steps:
                 break
-            optimizer.zero_grad(set_to_none=True)
             if len(images) == 0:
-                _noise_only_step(optimizer)
+                stepper.empty_step()
             else:
                 images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-                labels = drop_labels(labels, cfg.model.null_class, cfg.training.label_dropout, generator)
-                loss = diffusion_loss(model, scheduler, images, labels, generator).mean()
-                loss.backward()
-                optimizer.step()
-                losses.append(float(loss.detach()))
+                if amp_dtype is not None:
+                    images = images.contiguous(memory_format=torch.channels_last)
+                labels = drop_labels(labels, cfg.model.null_class, cfg.training.label_dropout, noise_rng)
+                losses.append(stepper.step(partial(_batch_losses, model, scheduler, images, labels, noise_rng, amp_dtype)))
             steps += 1
 
     return TrainResult(
         arrays=trainable_state(model),
         num_examples=len(train_groups),
-        loss=float(np.mean(losses)) if losses else float("nan"),
+        loss=float(torch.stack(losses).float().mean()) if losses else float("nan"),
         steps=steps,
         epsilon=epsilon_after,  # the ledger holds exactly the planned steps, reserved above
         delta=budget.delta,
@@ -171,16 +181,13 @@ def train_round(
     )
 
 
-def _noise_only_step(optimizer: torch.optim.Optimizer) -> None:
-    """An empty Poisson batch is still a DP step: the update is noise alone.
-
-    Skipping it would change the sampling distribution the accountant assumes.
-    """
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            if p.requires_grad:
-                p.grad_sample = torch.zeros((0, *p.shape), device=p.device, dtype=p.dtype)
-    optimizer.step()
+def _batch_losses(model: torch.nn.Module, scheduler, images: torch.Tensor, labels: torch.Tensor,
+                  rng: torch.Generator, amp_dtype: torch.dtype | None) -> torch.Tensor:
+    """Per-image losses ``(N,)``, under autocast when mixed precision is on; the loss itself stays float32."""
+    if amp_dtype is None:
+        return diffusion_loss(model, scheduler, images, labels, rng)
+    with torch.autocast(device_type=images.device.type, dtype=amp_dtype):
+        return diffusion_loss(model, scheduler, images, labels, rng).float()
 
 
 @torch.no_grad()

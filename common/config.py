@@ -30,6 +30,12 @@ T = TypeVar("T")
 
 SCHEDULES = ("linear_beta", "scaled_linear_beta", "cosine")
 ACCOUNTANTS = ("prv", "rdp")
+# "fedsynth": per-sample gradients from client/grad_sample.py; "hooks"/"functorch": Opacus' own modes.
+GRAD_SAMPLE_MODES = ("fedsynth", "hooks", "functorch")
+# "auto": bfloat16 autocast when training on a GPU that supports it, full precision otherwise (CPU).
+MIXED_PRECISION = ("auto", "off", "bf16")
+# dtype of the weights a site sends back; the server averages in float32 whatever arrives.
+TRANSFER_DTYPES = ("float32", "float16")
 
 
 class _Invalid(Exception):
@@ -121,8 +127,11 @@ class TrainingConfig:
     label_dropout: float = 0.1
     val_fraction: float = 0.1
     seed: int = 0
+    mixed_precision: str = "auto"
 
     def __post_init__(self) -> None:
+        require(self.mixed_precision in MIXED_PRECISION, "mixed_precision",
+                 f"must be one of {list(MIXED_PRECISION)}, got {self.mixed_precision!r}")
         require(self.local_steps >= 1, "local_steps", f"must be >= 1, got {self.local_steps}")
         require(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
         require(0 < self.learning_rate < 1, "learning_rate", f"must be in (0, 1), got {self.learning_rate}")
@@ -141,8 +150,11 @@ class PrivacyConfig:
     # A federation-wide cap each site applies on top of its own budget: it can only tighten
     # a site's limits, never loosen them. 0 means no cap.
     max_epsilon_per_site: float = 0.0
+    grad_sample_mode: str = "fedsynth"
 
     def __post_init__(self) -> None:
+        require(self.grad_sample_mode in GRAD_SAMPLE_MODES, "grad_sample_mode",
+                 f"must be one of {list(GRAD_SAMPLE_MODES)}, got {self.grad_sample_mode!r}")
         require(self.max_epsilon_per_site >= 0, "max_epsilon_per_site", f"must be >= 0, got {self.max_epsilon_per_site}")
         require(self.noise_multiplier > 0, "noise_multiplier", f"must be > 0, got {self.noise_multiplier}")
         require(self.max_grad_norm > 0, "max_grad_norm", f"must be > 0, got {self.max_grad_norm}")
@@ -167,8 +179,12 @@ class FederationConfig:
     node_wait_timeout_s: float = 600.0
     # Largest L2 norm of a site's update (its weights minus the global weights); 0 = no bound.
     max_update_norm: float = 0.0
+    # dtype of the weights each site sends back: float16 halves the upload; averaging stays float32.
+    transfer_dtype: str = "float32"
 
     def __post_init__(self) -> None:
+        require(self.transfer_dtype in TRANSFER_DTYPES, "transfer_dtype",
+                 f"must be one of {list(TRANSFER_DTYPES)}, got {self.transfer_dtype!r}")
         require(bool(self.output_dir), "output_dir", "must be set")
         require(self.num_rounds >= 1, "num_rounds", f"must be >= 1, got {self.num_rounds}")
         require(self.min_train_nodes >= 1, "min_train_nodes", f"must be >= 1, got {self.min_train_nodes}")

@@ -58,11 +58,17 @@ def build_ddim_sampler(cfg: DiffusionConfig, steps: int) -> DDIMScheduler:
     return sched
 
 
+def _rng_device(generator: torch.Generator | None) -> torch.device:
+    """Draw where the generator lives: a CPU generator gives the same numbers on every device,
+    a GPU generator avoids a host-to-device copy per step."""
+    return generator.device if generator is not None else torch.device("cpu")
+
+
 def drop_labels(labels: torch.Tensor, null_class: int, p: float, generator: torch.Generator | None = None) -> torch.Tensor:
     """Replace each label by the null class with probability ``p`` (CFG training)."""
     if p <= 0:
         return labels
-    mask = torch.rand(labels.shape, generator=generator, device="cpu").to(labels.device) < p
+    mask = torch.rand(labels.shape, generator=generator, device=_rng_device(generator)).to(labels.device) < p
     return torch.where(mask, torch.full_like(labels, null_class), labels)
 
 
@@ -83,8 +89,9 @@ def diffusion_loss(
         ``(N,)`` per-image losses; callers take the mean for the optimiser.
     """
     n = images.shape[0]
-    noise = torch.randn(images.shape, generator=generator, device="cpu").to(images.device)
-    t = torch.randint(0, scheduler.num_train_timesteps, (n,), generator=generator, device="cpu").to(images.device)
+    rng_device = _rng_device(generator)
+    noise = torch.randn(images.shape, generator=generator, device=rng_device).to(images.device)
+    t = torch.randint(0, scheduler.num_train_timesteps, (n,), generator=generator, device=rng_device).to(images.device)
     noisy = scheduler.add_noise(original_samples=images, noise=noise, timesteps=t)
     pred = model(x=noisy, timesteps=t, class_labels=labels)
     return ((pred - noise) ** 2).flatten(1).mean(dim=1)
@@ -134,3 +141,17 @@ def pick_device() -> torch.device:
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
+
+
+def autocast_dtype(mode: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for training on ``device`` (``training.mixed_precision``), or None for full precision.
+
+    Only CUDA gains from it here: CPU autocast (bfloat16) is slower than float32 on most
+    CPUs and would change the CPU path's numbers, so ``auto`` is full precision on CPU.
+    float16 is not offered: it needs loss scaling, which DP clipping would see.
+    """
+    if mode == "off" or device.type != "cuda":
+        return None
+    if mode in ("auto", "bf16") and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return None

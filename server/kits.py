@@ -148,7 +148,7 @@ def write_site_kit(layout: Layout, site: str, ca_pem: bytes, private_key: bytes,
     _write(layout.registered_key(site), public_key, PUBLIC)
 
 
-def write_server_scripts(layout: Layout, sites: list[str], settings: KitSettings) -> None:
+def write_server_scripts(layout: Layout, settings: KitSettings) -> None:
     """The scripts depend only on the address, which a re-run cannot change: written once."""
     for name, text in ((START_SUPERLINK, render_start_superlink(settings)),
                        (REGISTER_SITES, render_register_sites(settings))):

@@ -19,9 +19,13 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 import subprocess
 import tempfile
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +41,7 @@ from server.simulation import app_dir, completed_rounds, follow_run, last_error
 CONNECTION = "fedsynth"
 STATUS_EVERY_S = 30.0
 LOST_STREAM_ASK_S = 5.0
+UNREACHABLE_S = 300.0
 _ADDRESS = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):(\d{1,5})$")
 
 
@@ -84,14 +89,16 @@ class RemoteSuperLink:
                                   f"within {timeout_s:.0f} s") from None
 
     def _json(self, proc: subprocess.CompletedProcess, what: str) -> dict:
+        """The CLI's JSON answer; with ``--format json`` flwr exits 0 on failure too, so ``success`` decides."""
         try:
             payload = json.loads(proc.stdout[proc.stdout.index("{"):])
-            if payload.get("success") is False:
-                raise ValueError(payload.get("error-message", "failed"))
-            return payload
-        except (ValueError, TypeError, AttributeError) as err:
-            raise FederationError(f"{what} failed at {self.address} (exit {proc.returncode}: {err}):\n"
+        except (ValueError, TypeError):
+            raise FederationError(f"{what} failed at {self.address} (exit {proc.returncode}):\n"
                                   f"{proc.stdout.strip()}\n{proc.stderr.strip()}") from None
+        if not isinstance(payload, dict) or payload.get("success") is False:
+            message = payload.get("error-message", payload) if isinstance(payload, dict) else payload
+            raise FederationError(f"{what} failed at {self.address}: {message}")
+        return payload
 
     def submit(self, app: Path, run_config: dict[str, str]) -> int:
         overrides = " ".join(f"{k}={json.dumps(v)}" for k, v in run_config.items())
@@ -112,8 +119,8 @@ class RemoteSuperLink:
                                     stdout=handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                     start_new_session=True)
 
-    def stop(self, run_id: int) -> None:
-        self.flwr("stop", str(run_id), CONNECTION)
+    def stop(self, run_id: int) -> subprocess.CompletedProcess:
+        return self.flwr("stop", str(run_id), CONNECTION)
 
 
 class RunWatch:
@@ -124,6 +131,7 @@ class RunWatch:
         self.stream = link.stream_log(run_id, log_file)
         self.streamed_at = time.monotonic()
         self.last_status, self.asked_at, self.stream_ended = "", -float("inf"), False
+        self.unreachable_since: float | None = None
 
     def status(self) -> str:
         if not self.stream_ended and self.stream.poll() is not None:
@@ -131,7 +139,15 @@ class RunWatch:
         now = time.monotonic()
         if now - self.asked_at < (LOST_STREAM_ASK_S if self.stream_ended else STATUS_EVERY_S):
             return self.last_status
-        self.last_status, self.asked_at = self.link.status(self.run_id), now
+        try:
+            self.last_status, self.asked_at, self.unreachable_since = self.link.status(self.run_id), now, None
+        except FederationError:
+            # a network hiccup must not end hours of following; a SuperLink gone for minutes does
+            self.asked_at = now
+            self.unreachable_since = self.unreachable_since or now
+            if now - self.unreachable_since > UNREACHABLE_S:
+                raise
+            return self.last_status
         if self.stream_ended and not self.last_status.startswith("finished") and now - self.streamed_at >= STATUS_EVERY_S:
             # the connection dropped mid-run: stream again (the log file then repeats from the top)
             self.stream, self.streamed_at, self.stream_ended = self.link.stream_log(self.run_id, self.log_file), now, False
@@ -139,6 +155,32 @@ class RunWatch:
 
     def close(self) -> None:
         stop_process_tree(self.stream, grace_s=5.0)
+
+
+@contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """``kill`` ends ``fedsynth run`` as Ctrl-C does: without it the log stream would outlive us."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _stop(link: RemoteSuperLink, run_id: int) -> str:
+    """Stop a run we no longer follow: it would otherwise go on with no one able to reach it."""
+    try:
+        stopped = link.stop(run_id).returncode == 0
+    except FederationError:
+        stopped = False
+    return f"run {run_id} was stopped on the SuperLink" if stopped else f"stop run {run_id} on the SuperLink yourself (flwr stop)"
 
 
 def check_address(address: str) -> str:
@@ -173,10 +215,12 @@ def run_remote(req: RemoteRunRequest) -> RemoteRunResult:
         log_file = req.log_file or Path.cwd() / f"fedsynth-run-{run_id}.log"
         watch = RunWatch(link, run_id, log_file)
         try:
-            status = follow_run(run_id, watch.status, cfg, req.timeout_s, req.progress, poll_s=1.0)
+            with _sigterm_as_interrupt():
+                status = follow_run(run_id, watch.status, cfg, req.timeout_s, req.progress, poll_s=1.0)
         except KeyboardInterrupt:
-            link.stop(run_id)  # the run would otherwise go on with no one able to reach it
-            raise FederationError(f"interrupted: run {run_id} was stopped on the SuperLink") from None
+            raise FederationError(f"interrupted: {_stop(link, run_id)}") from None
+        except FederationError as err:  # timed out, or the SuperLink stayed out of reach
+            raise FederationError(f"{err}; {_stop(link, run_id)}") from None
         finally:
             watch.close()
     rounds = completed_rounds(cfg.federation.metrics_file)

@@ -8,7 +8,7 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
@@ -18,6 +18,7 @@ from common.checkpoint import Checkpoint, round_checkpoint_path, save_checkpoint
 from common.config import FedsynthConfig
 from common.errors import FederationError
 from common.fileio import append_jsonl
+from common.transfer import decode_update
 from server.update_checks import update_problem
 
 log = logging.getLogger("fedsynth.server")
@@ -108,9 +109,12 @@ class CheckpointingFedAvg(FedAvg):
             if keys.ARRAYS not in content.array_records or keys.METRICS not in content.metric_records:
                 problem = "reply lacks its arrays or metrics record"
             else:
-                problem = update_problem(arrays_to_numpy(content[keys.ARRAYS]), self._global, content[keys.METRICS],
-                                         self.cfg.federation.max_update_norm)
+                update = arrays_to_numpy(content[keys.ARRAYS])
+                problem = update_problem(update, self._global, content[keys.METRICS],
+                                         self.cfg.federation.max_update_norm, self.cfg.federation.transfer_dtype)
             if problem is None:
+                if self.cfg.federation.transfer_dtype != "float32":  # FedAvg must average in float32
+                    content[keys.ARRAYS] = ArrayRecord({k: Array(v) for k, v in decode_update(update).items()})
                 accepted.append(msg)
                 continue
             site_id = self._site_id(msg)

@@ -12,6 +12,8 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from common.transfer import wire_dtype
+
 NUMERIC_METRICS = ("num-examples",)
 
 
@@ -20,8 +22,13 @@ def update_problem(
     global_arrays: Mapping[str, np.ndarray],
     metrics: Mapping[str, float],
     max_update_norm: float = 0.0,
+    transfer_dtype: str = "float32",
 ) -> str | None:
-    """Why ``update`` must be rejected, or ``None`` when it is acceptable."""
+    """Why ``update`` must be rejected, or ``None`` when it is acceptable.
+
+    ``transfer_dtype`` is the federation's ``transfer_dtype``: exactly that dtype is accepted.
+    """
+    expected_dtype = wire_dtype(transfer_dtype)
     missing = sorted(set(global_arrays) - set(update))
     extra = sorted(set(update) - set(global_arrays))
     if missing:
@@ -31,8 +38,8 @@ def update_problem(
     squared = 0.0
     for name, reference in global_arrays.items():
         value = update[name]
-        if value.dtype != np.float32:
-            return f"{name} has dtype {value.dtype}, expected float32"
+        if value.dtype != expected_dtype:
+            return f"{name} has dtype {value.dtype}, expected {expected_dtype}"
         if value.shape != reference.shape:
             return f"{name} has shape {tuple(value.shape)}, expected {tuple(reference.shape)}"
         if not np.isfinite(value).all():

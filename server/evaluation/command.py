@@ -17,10 +17,13 @@ def _evaluate_command(args: argparse.Namespace) -> int:
                             Path(args.real_train) if args.real_train else None, Path(args.run) if args.run else None,
                             args.image_size, settings, Path(args.cache_dir) if args.cache_dir else None)
     fid, div, util, mem = report["fidelity"], report["diversity"], report["utility"], report["memorisation"]
-    line = (f"FID {fid['fid']:.3f} | MS-SSIM synthetic {div['ms_ssim_synthetic']:.3f} real {div['ms_ssim_real']:.3f} | "
-            f"TSTR {util['tstr_accuracy']:.3f}")
+    def f(value: float | None) -> str:
+        return "n/a" if value is None else f"{value:.3f}"
+
+    line = (f"FID {f(fid['fid'])} | MS-SSIM synthetic {f(div['ms_ssim_synthetic'])} real {f(div['ms_ssim_real'])} | "
+            f"TSTR {f(util['tstr_accuracy'])}")
     if "trtr_accuracy" in util:
-        line += f" TRTR {util['trtr_accuracy']:.3f}"
+        line += f" TRTR {f(util['trtr_accuracy'])}"
     if mem:
         line += f" | below baseline p1: {mem['count_below_p1']}/{mem['num_synthetic']}"
     print(line)

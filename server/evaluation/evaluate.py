@@ -16,7 +16,7 @@ from common.errors import ConfigError
 from common.fileio import write_bytes_atomic, write_json_atomic
 from server.evaluation.classifier import ClassifierSettings, default_cache_dir, extract_features, load_or_train
 from server.evaluation.diversity import mean_pairwise_ms_ssim
-from server.evaluation.fidelity import fid_per_class, frechet_distance, histogram_distances
+from server.evaluation.fidelity import MIN_IMAGES_FOR_FID, fid_per_class, frechet_distance, histogram_distances
 from server.evaluation.image_sets import ImageSet, evaluation_size, folder_classes, load_image_set
 from server.evaluation.memorisation import memorisation_report
 from server.evaluation.report_html import ReportFigures, render_html
@@ -57,7 +57,8 @@ def evaluate_sets(synthetic: ImageSet, real_test: ImageSet, real_train: ImageSet
     stages.update()
     stages.set_postfix_str("fidelity")
     hist = histogram_distances(synthetic.images, real_test.images)
-    fidelity = {"fid": frechet_distance(feat_s, feat_r),
+    enough = min(len(feat_s), len(feat_r)) >= MIN_IMAGES_FOR_FID
+    fidelity = {"fid": frechet_distance(feat_s, feat_r) if enough else None,
                 "fid_per_class": fid_per_class(feat_s, synthetic.labels, feat_r, real_test.labels, synthetic.classes),
                 "histogram_distance": hist["wasserstein1"], "histogram_l1": hist["l1"],
                 "histogram_distance_kind": "wasserstein-1 over pixel intensities in [-1, 1]"}

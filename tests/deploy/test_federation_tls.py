@@ -7,14 +7,17 @@ the module ends, whatever happened.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import yaml
@@ -40,7 +43,10 @@ class Federation:
     kits: Path
     address: str
     ca: Path
+    health: str
+    node_health: str
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
+    registered_ids: set[str] = field(default_factory=set)
 
     def log(self, name: str) -> str:
         return (self.root / f"{name}.log").read_text(errors="replace")
@@ -69,7 +75,20 @@ def wait_for(condition: Callable[[], bool], timeout_s: float, what: str) -> None
 
 
 def healthy(address: str) -> bool:
+    """The containers' own health check script, run the way their HEALTHCHECK runs it."""
     return subprocess.run([sys.executable, str(HEALTHCHECK), address], capture_output=True, timeout=30).returncode == 0
+
+
+def _load_healthcheck() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("fedsynth_healthcheck", HEALTHCHECK)
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# the same check in process, for waiting: a Python start per poll would cost the CPU we wait for
+serving = _load_healthcheck().check
 
 
 def cli(*args: str, timeout_s: float = 120) -> subprocess.CompletedProcess:
@@ -92,22 +111,27 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]
     other = cli("provision", "--sites", "site-a", "--server-host", "localhost", "--out", str(root / "other-kits"))
     assert other.returncode == 0, other.stderr
     port, health = free_port(), f"127.0.0.1:{free_port()}"
-    fed = Federation(root, root / "kits", f"127.0.0.1:{port}", root / "kits" / "server" / "ca.pem")
+    fed = Federation(root, root / "kits", f"127.0.0.1:{port}", root / "kits" / "server" / "ca.pem", health,
+                     f"127.0.0.1:{free_port()}")
     try:
         fed.start("superlink", [str(fed.kits / "server" / "start-superlink.sh"), "--health-server-address", health],
                   {"FEDSYNTH_BIND": "127.0.0.1", "FEDSYNTH_PORT": str(port), "FEDSYNTH_SERVER_STATE": str(root / "server-state")})
-        wait_for(lambda: fed.processes["superlink"].poll() is not None or healthy(health), 60, "the SuperLink's health server")
+        wait_for(lambda: fed.processes["superlink"].poll() is not None or serving(health, 1.0), 60,
+                 "the SuperLink's health server")
         assert fed.processes["superlink"].poll() is None, fed.log("superlink")
         # site-c is provisioned but never registered: the coordinator did not admit it
         registered = subprocess.run([str(fed.kits / "server" / "register-sites.sh"), fed.address, "site-a", "site-b"],
                                     env=flower_env(root / "flwr-home-register"), capture_output=True, text=True, timeout=120)
         assert registered.returncode == 0, registered.stdout + registered.stderr
+        fed.registered_ids = set(re.findall(r"SuperNode (\d+) registered successfully", registered.stdout))
+        assert len(fed.registered_ids) == 2, registered.stdout
 
         node_env = {"FEDSYNTH_SUPERLINK": fed.address, "FEDSYNTH_NUM_THREADS": "1"}
         for i, site in enumerate(("site-a", "site-b")):
             kit = fed.kits / "sites" / site
             configure_site(kit, write_shapes_dataset(root / "data" / site, per_class=6, seed=i), root / "state" / site)
-            fed.start(site, [str(kit / "start-supernode.sh"), "--port", str(free_port())], node_env)
+            extra = ["--health-server-address", fed.node_health] if site == "site-a" else []
+            fed.start(site, [str(kit / "start-supernode.sh"), "--port", str(free_port()), *extra], node_env)
         fed.start("unregistered", [str(fed.kits / "sites" / "site-c" / "start-supernode.sh"), "--port", str(free_port())],
                   node_env)
         fed.start("other-ca", [str(root / "other-kits" / "sites" / "site-a" / "start-supernode.sh"),
@@ -118,10 +142,12 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]
             stop_process_tree(proc)
 
 
-def test_superlink_serves_health_checks(federation: Federation) -> None:
-    # the fixture waited for it; this guards the Docker/Kubernetes probe against a silent change
-    assert "Starting gRPC health server" in federation.log("superlink")
-    assert not healthy(f"127.0.0.1:{free_port()}")  # nothing listens there: the check must say so
+def test_health_check_script_tells_up_from_down(federation: Federation) -> None:
+    # deploy/healthcheck.py is what the Docker HEALTHCHECK runs: it must pass here and fail where nothing listens
+    wait_for(lambda: serving(federation.node_health, 1.0), 60, "site-a's SuperNode health server")
+    assert healthy(federation.health)  # the SuperLink's (server image)
+    assert healthy(federation.node_health)  # a SuperNode's (hospital image)
+    assert not healthy(f"127.0.0.1:{free_port()}")
 
 
 def test_unregistered_key_is_refused(federation: Federation) -> None:
@@ -146,6 +172,8 @@ def test_node_trusting_another_ca_is_refused(federation: Federation) -> None:
 def test_only_the_registered_sites_come_online(federation: Federation) -> None:
     wait_for(lambda: sorted(n["status"] for n in federation.nodes()) == ["online", "online"], 90,
              "both registered SuperNodes online")
+    # exactly the two registered keys are known, and the refused SuperNodes never show up
+    assert {n["node-id"] for n in federation.nodes()} == federation.registered_ids
     for site in ("site-a", "site-b"):
         assert federation.processes[site].poll() is None, federation.log(site)
 

@@ -1,0 +1,152 @@
+"""Cost of federation: a Flower round vs the same local work back to back in one process.
+
+* Simulation (Flower's simulation engine, Ray): per-round time from ``metrics.jsonl``
+  (``round_seconds`` of the train phase, and the time between consecutive rounds, which also
+  holds the evaluate phase) for rounds after the first, vs ``train_round`` (and
+  ``validation_loss``) of every site in turn in this process with 1 torch thread. Sites run
+  one at a time (``client-resources-num-cpus=2`` on 2 cores) so both sides do the same work
+  on the same core; the default (one CPU per site, two sites at once) is measured too.
+  The fixed start-up/shutdown cost is the run's wall time minus its rounds.
+* Deployment (a plain SuperLink and real ``flower-supernode --insecure`` processes on
+  127.0.0.1): time per round beyond the sites' own compute, for a 10M-parameter model.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+import time
+from contextlib import ExitStack, contextmanager
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from bench.perf_sites import PARAMS_10M, SMALL, TINY_32, Federation, fresh_site_copy, make_federation
+from client.site_data import load_site_slices
+from client.training import train_round, validation_loss
+from common import keys
+from common.model import build_unet, count_parameters, trainable_state
+from server.local_federation import flower_env, free_port, local_superlink, run_status, save_run_log, stop_process_tree, submit_run
+from server.simulation import PROJECT_ROOT, completed_rounds, follow_run
+
+
+def _rows(fed: Federation) -> list[dict]:
+    return [json.loads(line) for line in fed.cfg.federation.metrics_file.read_text().splitlines()]
+
+
+def round_times(fed: Federation) -> dict:
+    """Per round (after the first): train-phase seconds and wall seconds since the previous round."""
+    train = sorted((r["round"], r["time"], r["round_seconds"]) for r in _rows(fed)
+                   if r.get("phase") == "train" and r.get("kind") == "aggregate")
+    return {"round_seconds": [s for rnd, _, s in train if rnd > 1],
+            "round_wall_s": [t - prev for (_, prev, _), (_, t, _) in zip(train, train[1:])],
+            "first_round_seconds": train[0][2] if train else float("nan"),
+            "rounds": len(train)}
+
+
+def in_process_round(fed: Federation, workdir: Path, with_evaluate: bool) -> list[float]:
+    """Seconds of each site's work (train_round [+ validation_loss]) from the initial weights, 1 thread."""
+    torch.set_num_threads(1)
+    torch.manual_seed(fed.cfg.training.seed)
+    weights = trainable_state(build_unet(fed.cfg.model))
+    seconds = []
+    for i, path in enumerate(fed.site_paths):
+        site = fresh_site_copy(path, workdir / f"inproc-{time.monotonic_ns()}")
+        slices = load_site_slices(site.data_dir, fed.cfg.model.classes, fed.cfg.data)  # loaded once per round by a site too
+        start = time.perf_counter()
+        result = train_round(fed.cfg, site, slices, weights, server_round=2)
+        if with_evaluate:
+            validation_loss(fed.cfg, slices, result.arrays)
+        seconds.append(time.perf_counter() - start)
+    return seconds
+
+
+def simulate(fed: Federation, workdir: Path, cpus_per_site: int, timeout_s: float = 900.0) -> float:
+    """server.simulation.run_simulation with a chosen ``client-resources-num-cpus``; returns wall seconds."""
+    run_config = {keys.RUN_CONFIG_PATH: str(fed.config_path.resolve()),
+                  keys.RUN_SIM_SITES: ",".join(str(p.resolve()) for p in fed.site_paths)}
+    start = time.perf_counter()
+    with local_superlink(workdir / "flower") as link:
+        run_id = submit_run(link, PROJECT_ROOT, run_config, num_supernodes=len(fed.site_paths), cpus_per_site=cpus_per_site)
+        status = follow_run(run_id, lambda: str(run_status(link, run_id).get("status", "")), fed.cfg, timeout_s, False)
+        save_run_log(link, run_id, workdir / "run.log")
+    if status != "finished:completed":
+        raise RuntimeError(f"simulation ended as {status}; see {workdir / 'run.log'}")
+    return time.perf_counter() - start
+
+
+def simulation_overhead(root: Path, rounds: int, local_steps: int, parallel_too: bool) -> dict:
+    training = {"local_steps": local_steps, "batch_size": 8}
+    fed = make_federation(root / "seq", 3, model=TINY_32, image_size=32, training=training,
+                          federation={"num_rounds": rounds}, patients_per_class=16)
+    before = [in_process_round(fed, root / "baseline", with_evaluate=w) for w in (False, True)]
+    wall = simulate(fed, root / "seq" / "work", cpus_per_site=2)
+    after = [in_process_round(fed, root / "baseline", with_evaluate=w) for w in (False, True)]
+    times = round_times(fed)
+    train_only = statistics.median([sum(before[0]), sum(after[0])])
+    with_eval = statistics.median([sum(before[1]), sum(after[1])])
+    per_round = statistics.median(times["round_seconds"])
+    per_round_wall = statistics.median(times["round_wall_s"])
+    out = {
+        "sites": 3, "rounds": rounds, "local_steps": local_steps, "params": count_parameters(build_unet(fed.cfg.model)),
+        "in_process_train_s": train_only, "in_process_train_eval_s": with_eval,
+        "sim_round_seconds": times["round_seconds"], "sim_round_wall_s": times["round_wall_s"],
+        "sim_first_round_s": times["first_round_seconds"], "sim_total_s": wall,
+        "startup_shutdown_s": wall - times["first_round_seconds"] - sum(times["round_wall_s"]),
+        "overhead_ratio": per_round / train_only,
+        "overhead_ratio_with_evaluate": per_round_wall / with_eval,
+    }
+    if parallel_too:
+        par = make_federation(root / "par", 3, model=TINY_32, image_size=32, training=training,
+                              federation={"num_rounds": rounds}, patients_per_class=16)
+        out["parallel_total_s"] = simulate(par, root / "par" / "work", cpus_per_site=1)
+        par_times = round_times(par)
+        out["parallel_round_seconds"] = par_times["round_seconds"]
+        out["parallel_ratio"] = statistics.median(par_times["round_seconds"]) / train_only
+    return out
+
+
+@contextmanager
+def _supernode(address: str, site_yaml: Path, log: Path) -> Iterator[subprocess.Popen]:
+    exe = Path(sys.executable).parent / "flower-supernode"
+    cmd = [str(exe), "--insecure", "--superlink", address, "--port", str(free_port()),
+           "--node-config", f'site-config="{site_yaml}" num-threads=1']
+    with open(log, "ab") as handle:
+        proc = subprocess.Popen(cmd, env=flower_env(log.parent / "flwr-home-nodes"), stdout=handle,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+    try:
+        yield proc
+    finally:
+        stop_process_tree(proc)
+
+
+def deployment_overhead(root: Path, rounds: int, model: dict, timeout_s: float = 900.0) -> dict:
+    """Real SuperLink + 2 SuperNodes on loopback; 1 local step of batch 4 at 16 px, so transfer dominates."""
+    fed = make_federation(root, 2, model=model, image_size=16, training={"local_steps": 1, "batch_size": 4},
+                          federation={"num_rounds": rounds}, patients_per_class=8)
+    start = time.perf_counter()
+    with local_superlink(root / "flower", simulation=False) as link, ExitStack() as nodes:
+        for path in fed.site_paths:
+            nodes.enter_context(_supernode(link.address, path, root / f"{path.parent.name}.log"))
+        run_id = submit_run(link, PROJECT_ROOT, {keys.RUN_CONFIG_PATH: str(fed.config_path)}, num_supernodes=None)
+        status = follow_run(run_id, lambda: str(run_status(link, run_id).get("status", "")), fed.cfg, timeout_s, False)
+        save_run_log(link, run_id, root / "run.log")
+    if status != "finished:completed":
+        raise RuntimeError(f"deployment run ended as {status} after {completed_rounds(fed.cfg.federation.metrics_file)} rounds")
+    wall = time.perf_counter() - start
+    times = round_times(fed)
+    site_compute = max(statistics.median(x) for x in zip(*[in_process_round(fed, root / "baseline", True) for _ in range(3)]))
+    per_round = statistics.median(times["round_wall_s"])
+    return {"sites": 2, "rounds": rounds, "params": count_parameters(build_unet(fed.cfg.model)),
+            "round_wall_s": times["round_wall_s"], "round_seconds": times["round_seconds"],
+            "site_compute_s": site_compute, "beyond_training_s": per_round - site_compute, "total_s": wall}
+
+
+def run(quick: bool, workdir: Path) -> dict:
+    sim = simulation_overhead(workdir / "simulation", rounds=3 if quick else 5, local_steps=10, parallel_too=not quick)
+    deploy = deployment_overhead(workdir / "deployment", rounds=3 if quick else 4, model=SMALL if quick else PARAMS_10M)
+    return {"simulation": sim, "deployment": deploy, "federation_overhead_ratio": sim["overhead_ratio"],
+            "deployment_beyond_training_s": deploy["beyond_training_s"]}

@@ -1,0 +1,189 @@
+"""fedsynth's own DP-SGD step is Opacus' mechanism: exact per-sample clipping, same noise, same sampling."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from opacus import GradSampleModule
+from opacus.optimizers import DPOptimizer
+
+from client.dp_sgd import DPSGDStep, PlainStep
+from client.grad_sample import GradSampler
+from client.privacy import expected_batch_size, make_private, poisson_loader
+from client.site_data import SiteSlices
+from client.training import PatientDataset, train_round
+from common.config import DiffusionConfig, FedsynthConfig, ModelConfig, config_from_dict, load_site_config
+from common.model import autocast_dtype, build_train_scheduler, build_unet, trainable_state
+from tests.conftest import tiny_federation, write_site
+
+TINY = ModelConfig(classes=("disc", "ring"), channels=(8, 8), attention_levels=(False, True), norm_num_groups=4,
+                   num_head_channels=8)
+
+
+def _batch(n: int = 6, size: int = 16, seed: int = 1) -> dict[str, torch.Tensor]:
+    """A batch with its noise and timesteps fixed, so a per-example loop sees exactly the same losses."""
+    g = torch.Generator().manual_seed(seed)
+    return {"x": torch.rand((n, 1, size, size), generator=g) * 2 - 1, "noise": torch.randn((n, 1, size, size), generator=g),
+            "t": torch.randint(0, 100, (n,), generator=g), "y": torch.arange(n) % 3}  # label 2 is the null class
+
+
+def _losses(model: torch.nn.Module, batch: dict[str, torch.Tensor], index: slice = slice(None)) -> torch.Tensor:
+    sched = build_train_scheduler(DiffusionConfig(num_train_timesteps=100))
+    noisy = sched.add_noise(original_samples=batch["x"][index], noise=batch["noise"][index], timesteps=batch["t"][index])
+    pred = model(x=noisy, timesteps=batch["t"][index], class_labels=batch["y"][index])
+    return ((pred - batch["noise"][index]) ** 2).flatten(1).mean(dim=1)
+
+
+def _model(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return build_unet(TINY)
+
+
+def _per_example_reference(model: torch.nn.Module, batch: dict, max_grad_norm: float) -> tuple[dict[str, torch.Tensor], list[float]]:
+    """Clipped-summed gradient from one ordinary backward pass per example."""
+    n = len(batch["x"])
+    total = {name: torch.zeros_like(p) for name, p in model.named_parameters()}
+    norms = []
+    for i in range(n):
+        model.zero_grad(set_to_none=True)
+        _losses(model, batch, slice(i, i + 1)).sum().backward()
+        grads = {name: p.grad.detach().clone() for name, p in model.named_parameters()}
+        norm = math.sqrt(sum(float(g.double().pow(2).sum()) for g in grads.values()))
+        norms.append(norm)
+        factor = min(1.0, max_grad_norm / (norm + 1e-6))
+        for name in total:
+            total[name] += factor * grads[name]
+    model.zero_grad(set_to_none=True)
+    return total, norms
+
+
+def _rel_error(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> float:
+    num = math.sqrt(sum(float((got[k] - want[k]).double().pow(2).sum()) for k in want))
+    den = math.sqrt(sum(float(want[k].double().pow(2).sum()) for k in want))
+    return num / den
+
+
+def test_clipped_sum_matches_a_per_example_loop() -> None:
+    model, batch = _model(), _batch()
+    _, norms = _per_example_reference(model, batch, max_grad_norm=1e9)
+    clip = float(np.median(norms))  # half the examples are clipped, half are not
+    reference, _ = _per_example_reference(model, batch, clip)
+    expected = 4
+    step = DPSGDStep(model, torch.optim.SGD(model.parameters(), lr=0.0), noise_multiplier=0.0, max_grad_norm=clip,
+                     expected_batch_size=expected)
+    step.step(lambda: _losses(model, batch))
+    got = {name: p.grad.detach() * expected for name, p in model.named_parameters()}
+    assert _rel_error(got, reference) < 1e-4
+    assert all(_rel_error({k: got[k]}, {k: reference[k]}) < 1e-4 for k in reference if reference[k].norm() > 0)
+
+
+def test_per_sample_gradients_are_exact_and_autograd_skips_the_summed_gradient() -> None:
+    model, batch = _model(), _batch(n=4)
+    sampler = GradSampler(model)
+    with sampler.recording():
+        losses = _losses(model, batch)
+    grads = sampler.backward(losses)
+    assert all(p.grad is None for p in model.parameters())  # no weight-gradient kernel ran for .grad
+    assert set(grads) == set(model.parameters())
+    for i in range(4):
+        model.zero_grad(set_to_none=True)
+        _losses(model, batch, slice(i, i + 1)).sum().backward()
+        want = {name: p.grad for name, p in model.named_parameters()}
+        got = {name: grads[p][i] for name, p in model.named_parameters()}
+        assert _rel_error(got, want) < 1e-5
+
+
+def test_same_step_as_opacus_hooks() -> None:
+    """Noise off: fedsynth's step and Opacus' GradSampleModule + DPOptimizer give the same update."""
+    batch = _batch(n=5)
+    ours = _model()
+    DPSGDStep(ours, torch.optim.SGD(ours.parameters(), lr=1.0), 0.0, 0.05, expected_batch_size=3).step(lambda: _losses(ours, batch))
+    theirs = _model()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        wrapped = GradSampleModule(theirs)
+        optimizer = DPOptimizer(torch.optim.SGD(theirs.parameters(), lr=1.0), noise_multiplier=0.0, max_grad_norm=0.05,
+                                expected_batch_size=3)
+        PlainStep(optimizer).step(lambda: _losses(wrapped, batch))
+    ours_grads = {name: p.grad for name, p in ours.named_parameters()}
+    theirs_grads = {name: p.grad for name, p in theirs.named_parameters()}
+    assert _rel_error(ours_grads, theirs_grads) < 1e-5
+
+
+def test_empty_batch_is_a_noise_only_step() -> None:
+    model = _model()
+    expected, sigma, clip = 4, 1.3, 0.7
+    step = DPSGDStep(model, torch.optim.SGD(model.parameters(), lr=0.0), sigma, clip, expected,
+                     noise_generator=torch.Generator().manual_seed(3))
+    step.empty_step()
+    g = torch.Generator().manual_seed(3)
+    for p in model.parameters():
+        want = torch.normal(0.0, sigma * clip, size=p.shape, generator=g) / expected
+        assert torch.allclose(p.grad, want)
+
+
+def test_noise_has_the_configured_scale() -> None:
+    model = _model()
+    expected, sigma, clip = 8, 2.0, 0.5
+    step = DPSGDStep(model, torch.optim.SGD(model.parameters(), lr=0.0), sigma, clip, expected,
+                     noise_generator=torch.Generator().manual_seed(0))
+    summed, _ = step.clipped_sum(lambda: _losses(model, _batch()))
+    step.step(lambda: _losses(model, _batch()))
+    noise = torch.cat([(p.grad * expected - summed[p]).flatten() for p in model.parameters()])
+    assert abs(float(noise.std()) - sigma * clip) < 0.02 * sigma * clip
+    assert abs(float(noise.mean())) < 0.01
+
+
+def test_sampling_and_expected_batch_size_are_opacus_own(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    images = rng.uniform(-1, 1, (23, 1, 16, 16)).astype(np.float32)
+    dataset = PatientDataset(images, np.zeros(23, np.int64), [np.array([i]) for i in range(23)], seed=0)
+    model = _model()
+    _, optimizer, opacus_loader, _ = make_private(model, torch.optim.SGD(model.parameters(), lr=0.1), dataset, 4, 1.0, 1.0,
+                                                  generator=torch.Generator().manual_seed(5))
+    assert optimizer.expected_batch_size == expected_batch_size(23, 4)
+    ours = poisson_loader(dataset, 4, generator=torch.Generator().manual_seed(5))
+    assert ours.sample_rate == opacus_loader.sample_rate
+    assert [len(x) for x, _ in ours] == [len(x) for x, _ in opacus_loader]
+
+
+def test_unsupported_layer_is_named() -> None:
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4))
+    with pytest.raises(NotImplementedError, match="layer '1' \\(BatchNorm2d\\)"):
+        GradSampler(model)
+
+
+def _slices(n: int = 30) -> SiteSlices:
+    rng = np.random.default_rng(0)
+    return SiteSlices(images=rng.uniform(-1, 1, (n, 1, 16, 16)).astype(np.float32),
+                      labels=(np.arange(n) % 2).astype(np.int64), patients=[f"p{i:03d}" for i in range(n)],
+                      classes=("disc", "ring"))
+
+
+def _train(tmp_path: Path, name: str, **overrides: dict) -> dict[str, np.ndarray]:
+    overrides = {**overrides, "training": {"local_steps": 4, **overrides.get("training", {})}}
+    cfg = config_from_dict(FedsynthConfig, tiny_federation(tmp_path / "server", **overrides), "t")
+    site = load_site_config(write_site(tmp_path / name, "a", tmp_path / "data"))
+    torch.manual_seed(0)
+    return train_round(cfg, site, _slices(), trainable_state(build_unet(cfg.model)), server_round=1).arrays
+
+
+def test_a_round_matches_opacus_hooks_step_for_step(tmp_path: Path) -> None:
+    """Same Poisson batches, same noise draws, same clipping: the same weights up to float rounding."""
+    ours = _train(tmp_path, "ours", privacy={"grad_sample_mode": "fedsynth"})
+    theirs = _train(tmp_path, "theirs", privacy={"grad_sample_mode": "hooks"})
+    assert max(float(np.abs(ours[k] - theirs[k]).max()) for k in ours) < 1e-6
+
+
+def test_mixed_precision_is_a_no_op_on_cpu(tmp_path: Path) -> None:
+    assert autocast_dtype("auto", torch.device("cpu")) is None
+    assert autocast_dtype("bf16", torch.device("cpu")) is None
+    assert autocast_dtype("off", torch.device("cuda")) is None
+    auto = _train(tmp_path, "auto", training={"mixed_precision": "auto"})
+    off = _train(tmp_path, "off", training={"mixed_precision": "off"})
+    assert all(np.array_equal(auto[k], off[k]) for k in auto)
