@@ -52,6 +52,13 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def current_rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 def run_child(module: str, args: dict, timeout_s: float = 600.0) -> dict:
     """``python -m bench.<module>`` in a fresh process, its JSON answer on the last stdout line.
 

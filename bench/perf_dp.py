@@ -4,8 +4,8 @@ Variants: ``nondp`` (plain AdamW step), ``fedsynth`` (client/dp_sgd.py, the trai
 default) and ``opacus`` (Opacus ``GradSampleModule`` hooks + ``DPOptimizer``, the previous
 path). Time: interleaved in one process, 1 torch thread, medians. Peak memory: a fresh
 process per variant (``python -m bench.perf_dp '{json}'``), ``ru_maxrss`` after two steps;
-reported as the peak and as the increase over the process's RSS just before the first step
-(model, optimiser and data built, torch loaded).
+reported as the peak and as the increase of the peak over the process's current RSS just
+before the first step (model, optimiser and data built, torch loaded).
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ from collections.abc import Callable
 
 import torch
 
-from bench.perf_common import interleaved, peak_rss_mb, ratio, run_child
+from bench.perf_common import current_rss_mb, interleaved, peak_rss_mb, ratio, run_child
+import client.privacy  # noqa: F401  (the training path imports Opacus whatever the mode: same baseline RSS)
 from client.dp_sgd import DPSGDStep, PlainStep
 from common.config import DiffusionConfig, ModelConfig
 from common.model import build_train_scheduler, build_unet, count_parameters, diffusion_loss
@@ -87,7 +88,7 @@ def measure(name: str, channels: tuple[int, ...], size: int, batch: int, repeats
 
 def run(quick: bool) -> dict:
     if quick:
-        configs = [("small 64px B16", (32, 64, 64), 64, 16, 3), ("medium 32px B16", (64, 128, 128), 32, 16, 3)]
+        configs = [("small 32px B16", (32, 64, 64), 32, 16, 3), ("medium 32px B16", (64, 128, 128), 32, 16, 3)]
     else:
         configs = [("small 64px B16", (32, 64, 64), 64, 16, 5), ("small 64px B32", (32, 64, 64), 64, 32, 3),
                    ("medium 64px B16", (64, 128, 128), 64, 16, 3)]
@@ -102,7 +103,7 @@ def run(quick: bool) -> dict:
 def _child(args: dict) -> dict:
     torch.set_num_threads(1)
     fn, _ = _step_fn(args["variant"], tuple(args["channels"]), args["size"], args["batch"])
-    before = peak_rss_mb()
+    before = current_rss_mb()  # not the peak so far: importing torch and friends peaks above the steady state
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for _ in range(2):  # the first step also allocates the optimiser's state

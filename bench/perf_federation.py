@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -98,6 +99,7 @@ def simulation_overhead(root: Path, rounds: int, local_steps: int, parallel_too:
         "startup_shutdown_s": wall - times["first_round_seconds"] - sum(times["round_wall_s"]),
         "overhead_ratio": per_round / train_only,
         "overhead_ratio_with_evaluate": per_round_wall / with_eval,
+        "state_dirs": [str(path.parent / "state") for path in fed.site_paths],
     }
     if parallel_too:
         par = make_federation(root / "par", 3, model=TINY_32, image_size=32, training=training,
@@ -142,11 +144,44 @@ def deployment_overhead(root: Path, rounds: int, model: dict, timeout_s: float =
     per_round = statistics.median(times["round_wall_s"])
     return {"sites": 2, "rounds": rounds, "params": count_parameters(build_unet(fed.cfg.model)),
             "round_wall_s": times["round_wall_s"], "round_seconds": times["round_seconds"],
-            "site_compute_s": site_compute, "beyond_training_s": per_round - site_compute, "total_s": wall}
+            "site_compute_s": site_compute, "beyond_training_s": per_round - site_compute, "total_s": wall,
+            "timeline": timeline(fed), "clientapp_import": clientapp_import_seconds()}
+
+
+def timeline(fed: Federation) -> dict:
+    """Where a deployment round goes, from the server's metrics and the sites' audit logs (handler start times).
+
+    ``dispatch_to_handler_s``: from the server finishing the previous phase to a site's handler
+    starting (SuperNode poll, a fresh ``flwr-clientapp`` process, its imports, the download);
+    ``handler_to_aggregate_s``: from the later site's handler start to the server's aggregate
+    (the site's compute, the upload, the ServerApp's poll, checks, FedAvg, checkpoint).
+    """
+    server = sorted((r["time"], r["phase"], r["round"]) for r in _rows(fed) if r.get("kind") == "aggregate")
+    starts: dict[tuple[str, int], list[float]] = {}
+    for path in fed.site_paths:
+        for row in map(json.loads, (path.parent / "state" / "audit.jsonl").read_text().splitlines()):
+            starts.setdefault((row["message_type"], row["server_round"]), []).append(row["time"])
+    dispatch, handle = {"train": [], "evaluate": []}, {"train": [], "evaluate": []}
+    for (t_prev, _, _), (t_done, phase, rnd) in zip(server, server[1:]):
+        if (phase, rnd) in starts and rnd > 1:
+            dispatch[phase].append(min(starts[(phase, rnd)]) - t_prev)
+            handle[phase].append(t_done - max(starts[(phase, rnd)]))
+    return {f"{kind}_{phase}_s": statistics.median(v) if v else float("nan")
+            for kind, d in (("dispatch_to_handler", dispatch), ("handler_to_aggregate", handle)) for phase, v in d.items()}
+
+
+def clientapp_import_seconds() -> dict:
+    """What every message costs a real SuperNode before our handler runs: a fresh process importing the ClientApp."""
+    start = time.perf_counter()
+    before = os.times()
+    subprocess.run([sys.executable, "-c", "import client.client_app"], cwd=PROJECT_ROOT, check=True)
+    after = os.times()
+    return {"wall_s": time.perf_counter() - start,
+            "cpu_s": (after.children_user - before.children_user) + (after.children_system - before.children_system)}
 
 
 def run(quick: bool, workdir: Path) -> dict:
-    sim = simulation_overhead(workdir / "simulation", rounds=3 if quick else 5, local_steps=10, parallel_too=not quick)
-    deploy = deployment_overhead(workdir / "deployment", rounds=3 if quick else 4, model=SMALL if quick else PARAMS_10M)
+    sim = simulation_overhead(workdir / "simulation", rounds=4 if quick else 6, local_steps=10, parallel_too=not quick)
+    deploy = deployment_overhead(workdir / "deployment", rounds=2 if quick else 4, model=SMALL if quick else PARAMS_10M)
     return {"simulation": sim, "deployment": deploy, "federation_overhead_ratio": sim["overhead_ratio"],
             "deployment_beyond_training_s": deploy["beyond_training_s"]}

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import platform
 import subprocess
@@ -35,6 +34,7 @@ from quality_data import load_slices, sample_set  # noqa: E402
 from quality_split import describe, site_slices, split_hospitals  # noqa: E402
 from quality_table import markdown_table, print_table, summarise  # noqa: E402
 from quality_train import ModelPreset, train_central, train_federated  # noqa: E402
+from client.site_data import SiteSlices  # noqa: E402
 from server.evaluation.classifier import ClassifierSettings  # noqa: E402
 from server.evaluation.evaluate import EvaluationSettings, evaluate_sets, write_report  # noqa: E402
 from server.evaluation.image_sets import ImageSet  # noqa: E402
@@ -63,6 +63,10 @@ def machine() -> dict:
     return {"date": subprocess.run(["date", "-u"], capture_output=True, text=True).stdout.strip(), "nproc": os.cpu_count(),
             "cpu": cpu_model(), "gpu": gpu, "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
             "python": platform.python_version(), "load_average_at_start": list(os.getloadavg())}
+
+
+def image_set(slices: SiteSlices, index: np.ndarray, source: str) -> ImageSet:
+    return ImageSet(slices.images[index], slices.labels[index], slices.classes, [slices.patients[i] for i in index], source)
 
 
 def evaluate_model(name: str, synthetic: ImageSet, real_test: ImageSet, real_train: ImageSet, settings: EvaluationSettings,
@@ -115,9 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     result["split"]["near_duplicate_images"] = split.near_duplicate_images
     sites = {h: site_slices(slices, idx, split.groups) for h, idx in split.hospitals.items()}
     train_index = np.concatenate(list(split.hospitals.values()))
-    as_set = lambda idx, src: ImageSet(slices.images[idx], slices.labels[idx], slices.classes,  # noqa: E731
-                                       [slices.patients[i] for i in idx], src)
-    real_test, real_train = as_set(split.validation, "validation split"), as_set(train_index, "all hospitals")
+    real_test = image_set(slices, split.validation, "validation split")
+    real_train = image_set(slices, train_index, "all hospitals")
     eval_settings = EvaluationSettings(classifier=ClassifierSettings(steps=preset["classifier_steps"], seed=args.seed),
                                        seed=args.seed)
 

@@ -24,7 +24,7 @@ from flwr.clientapp import ClientApp
 from client.audit_log import TaskRecord, append_task_record
 from client.policy import SitePolicy, load_site_policy, running_app_hash
 from client.site_data import SiteSlices, load_site_slices_cached, require_readable
-from client.training import train_round, validation_loss
+from client.training import TrainResult, train_round, validation_loss
 from client.memorisation_audit import audit_request
 from common import audit_protocol, keys
 from common.config import FedsynthConfig, SiteConfig, config_from_dict, load_site_config
@@ -146,6 +146,11 @@ def train(msg: Message, task: SiteTask) -> Message:
                          server_round=task.record.server_round, policy=task.policy, app_hash=task.record.app_hash)
     task.record.steps = result.steps
     task.record.epsilon_before, task.record.epsilon_after = result.epsilon_before, result.epsilon
+    return Message(content=train_reply_content(result, task.site.site_id, task.cfg.federation.transfer_dtype), reply_to=msg)
+
+
+def train_reply_content(result: TrainResult, site_id: str, transfer_dtype: str) -> RecordDict:
+    """Everything a train reply carries: the weights in the federation's transfer dtype, numbers, the site's name."""
     metrics = MetricRecord({
         keys.NUM_EXAMPLES: result.num_examples,
         keys.TRAIN_LOSS: result.loss,
@@ -153,12 +158,11 @@ def train(msg: Message, task: SiteTask) -> Message:
         keys.DELTA: result.delta,
         keys.STEPS: result.steps,
     })
-    return Message(content=RecordDict({
-        keys.ARRAYS: ArrayRecord(array_dict={k: Array(v) for k, v in
-                                             encode_update(result.arrays, task.cfg.federation.transfer_dtype).items()}),
+    return RecordDict({
+        keys.ARRAYS: ArrayRecord(array_dict={k: Array(v) for k, v in encode_update(result.arrays, transfer_dtype).items()}),
         keys.METRICS: metrics,
-        keys.SITE: ConfigRecord({keys.SITE_ID: task.site.site_id}),
-    }), reply_to=msg)
+        keys.SITE: ConfigRecord({keys.SITE_ID: site_id}),
+    })
 
 
 @app.evaluate()

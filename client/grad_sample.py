@@ -27,31 +27,35 @@ from torch import nn
 Kernel = Callable[[nn.Module, torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]
 
 
-def _conv2d(module: nn.Conv2d, a: torch.Tensor, b: torch.Tensor) -> dict[str, torch.Tensor]:
-    """One weight-gradient convolution per sample.
+# Output maps of at least this many pixels: one weight-gradient call per sample; smaller ones: one
+# grouped call for the whole batch. Measured on CPU (bench/perf_dp.py): per-sample calls match the
+# batched kernel on large maps but pay a fixed cost per call that dominates on small maps.
+LOOP_MIN_PIXELS = 1024
 
-    On CPU the per-sample calls of the same kernel autograd would use cost about what the
-    batched call costs (measured in bench/perf_dp.py); unfold + bmm was 1.5-3x slower and
-    materialises a 9x copy of the input.
+
+def _conv2d(module: nn.Conv2d, a: torch.Tensor, b: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-sample weight gradients with the weight-gradient kernel autograd itself would use.
+
+    unfold + bmm (Opacus' way) was 1.5-3x slower here and materialises a k*k-fold copy of the input.
     """
     w = module.weight
     a, b = a.to(w.dtype), b.to(w.dtype)
     n = a.shape[0]
-    has_bias = module.bias is not None
-    gw = torch.empty((n, *w.shape), device=w.device, dtype=w.dtype)
-    gb = torch.empty((n, w.shape[0]), device=w.device, dtype=w.dtype) if has_bias else None
-    for i in range(n):
-        _, gwi, gbi = torch.ops.aten.convolution_backward(
-            b[i:i + 1], a[i:i + 1], w, [w.shape[0]] if has_bias else None,
-            list(module.stride), list(module.padding), list(module.dilation), False, [0, 0],
-            module.groups, [False, True, has_bias],
-        )
-        gw[i] = gwi
-        if gb is not None:
-            gb[i] = gbi
+    args = (list(module.stride), list(module.padding), list(module.dilation), False, [0, 0])
+    if b.shape[2] * b.shape[3] >= LOOP_MIN_PIXELS:
+        gw = torch.empty((n, *w.shape), device=w.device, dtype=w.dtype)
+        for i in range(n):
+            gw[i] = torch.ops.aten.convolution_backward(b[i:i + 1], a[i:i + 1], w, None, *args, module.groups,
+                                                        [False, True, False])[1]
+    else:
+        # The batch as groups: sample i's input channels only meet sample i's output channels.
+        grouped = w.repeat(n, 1, 1, 1)
+        gw = torch.ops.aten.convolution_backward(b.reshape(1, -1, *b.shape[2:]), a.reshape(1, -1, *a.shape[2:]), grouped,
+                                                 None, *args, module.groups * n, [False, True, False])[1]
+        gw = gw.view(n, *w.shape)
     out = {"weight": gw}
-    if gb is not None:
-        out["bias"] = gb
+    if module.bias is not None:
+        out["bias"] = b.sum(dim=(2, 3))
     return out
 
 

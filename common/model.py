@@ -146,9 +146,10 @@ def pick_device() -> torch.device:
 def autocast_dtype(mode: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype for training on ``device`` (``training.mixed_precision``), or None for full precision.
 
-    Only CUDA gains from it here: CPU autocast (bfloat16) is slower than float32 on most
-    CPUs and would change the CPU path's numbers, so ``auto`` is full precision on CPU.
-    float16 is not offered: it needs loss scaling, which DP clipping would see.
+    CPU training is left exactly as it was (full precision, whatever the mode): bf16 autocast
+    speeds up a non-DP step only on CPUs with bf16 instructions and barely a DP step, whose
+    per-sample gradients are float32 (bench/perf_gpu.py). float16 is not offered: it needs
+    loss scaling, which DP clipping would see.
     """
     if mode == "off" or device.type != "cuda":
         return None

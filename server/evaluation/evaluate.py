@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from common.errors import ConfigError
 from common.fileio import write_bytes_atomic, write_json_atomic
-from server.evaluation.classifier import ClassifierSettings, default_cache_dir, extract_features, load_or_train
+from server.evaluation.classifier import ClassifierSettings, extract_features, load_or_train
 from server.evaluation.diversity import mean_pairwise_ms_ssim
 from server.evaluation.fidelity import MIN_IMAGES_FOR_FID, fid_per_class, frechet_distance, histogram_distances
 from server.evaluation.image_sets import ImageSet, evaluation_size, folder_classes, load_image_set

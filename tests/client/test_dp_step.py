@@ -13,6 +13,7 @@ from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer
 
 from client.dp_sgd import DPSGDStep, PlainStep
+from client import grad_sample
 from client.grad_sample import GradSampler
 from client.privacy import expected_batch_size, make_private, poisson_loader
 from client.site_data import SiteSlices
@@ -82,7 +83,10 @@ def test_clipped_sum_matches_a_per_example_loop() -> None:
     assert all(_rel_error({k: got[k]}, {k: reference[k]}) < 1e-4 for k in reference if reference[k].norm() > 0)
 
 
-def test_per_sample_gradients_are_exact_and_autograd_skips_the_summed_gradient() -> None:
+@pytest.mark.parametrize("loop_min_pixels", [0, 10**9], ids=["per-sample-calls", "grouped-call"])
+def test_per_sample_gradients_are_exact_and_autograd_skips_the_summed_gradient(
+        loop_min_pixels: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(grad_sample, "LOOP_MIN_PIXELS", loop_min_pixels)  # both conv kernels
     model, batch = _model(), _batch(n=4)
     sampler = GradSampler(model)
     with sampler.recording():
