@@ -47,16 +47,25 @@ def ratio(a: float, b: float) -> float:
     return a / b if b > 0 else float("nan")
 
 
+def _status_mb(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 def peak_rss_mb() -> float:
-    """Peak resident set size of this process so far (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """Peak resident set size of this process so far.
+
+    /proc's VmHWM, not getrusage's ru_maxrss: Linux carries ru_maxrss across fork + exec, so a
+    child started by a large parent reports at least the parent's size.
+    """
+    peak = _status_mb("VmHWM")
+    return peak if peak == peak else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def current_rss_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+    return _status_mb("VmRSS")
 
 
 def run_child(module: str, args: dict, timeout_s: float = 600.0) -> dict:
@@ -100,17 +109,28 @@ def _memory_kb(pid: int) -> tuple[int, int]:
     return rss, pss
 
 
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds of ``pid`` and of its children it has waited for."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return 0.0
+    return sum(int(fields[i]) for i in (11, 12, 13, 14)) / os.sysconf("SC_CLK_TCK")
+
+
 class TreeMemorySampler:
-    """Samples the summed RSS and PSS of this process and all its descendants every ``period_s``.
+    """Samples the summed RSS, PSS and CPU time of this process and all its descendants every ``period_s``.
 
     The sum of RSS counts shared libraries once per process (an over-estimate); PSS is the
-    fair share. Processes that leave the tree by re-parenting are missed.
+    fair share. Processes that leave the tree by re-parenting are missed. ``cpu_at(t)`` is
+    the tree's CPU seconds at wall-clock time ``t`` (``time.time()``), interpolated.
     """
 
     def __init__(self, period_s: float = 0.5) -> None:
         self.period_s = period_s
         self.peak_rss_mb = self.peak_pss_mb = 0.0
         self.peak_processes = 0
+        self.cpu_timeline: list[tuple[float, float]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -131,10 +151,20 @@ class TreeMemorySampler:
                     pids.append(child)
                     stack.append(child)
             totals = [_memory_kb(pid) for pid in pids]
+            self.cpu_timeline.append((time.time(), sum(_cpu_s(pid) for pid in pids)))
             self.peak_rss_mb = max(self.peak_rss_mb, sum(r for r, _ in totals) / 1024)
             self.peak_pss_mb = max(self.peak_pss_mb, sum(p for _, p in totals) / 1024)
             self.peak_processes = max(self.peak_processes, len(pids))
             self._stop.wait(self.period_s)
+
+    def cpu_at(self, t: float) -> float:
+        points = self.cpu_timeline
+        if not points:
+            return float("nan")
+        for (t0, c0), (t1, c1) in zip(points, points[1:]):
+            if t0 <= t <= t1:
+                return c0 + (c1 - c0) * (t - t0) / (t1 - t0) if t1 > t0 else c1
+        return points[-1][1] if t > points[-1][0] else points[0][1]
 
 
 def machine_info() -> dict:

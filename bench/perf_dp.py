@@ -106,7 +106,7 @@ def _child(args: dict) -> dict:
     before = current_rss_mb()  # not the peak so far: importing torch and friends peaks above the steady state
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        for _ in range(2):  # the first step also allocates the optimiser's state
+        for _ in range(args.get("steps", 2)):  # the first step also allocates the optimiser's state
             fn()
     peak = peak_rss_mb()
     return {"before_mb": before, "peak_mb": peak, "increase_mb": peak - before}

@@ -19,12 +19,13 @@ import statistics
 import subprocess
 import sys
 import time
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
+from bench.perf_common import TreeMemorySampler
 from bench.perf_sites import PARAMS_10M, SMALL, TINY_32, Federation, fresh_site_copy, make_federation
 from client.site_data import load_site_slices
 from client.training import train_round, validation_loss
@@ -48,29 +49,34 @@ def round_times(fed: Federation) -> dict:
             "rounds": len(train)}
 
 
-def in_process_round(fed: Federation, workdir: Path, with_evaluate: bool) -> list[float]:
-    """Seconds of each site's work (train_round [+ validation_loss]) from the initial weights, 1 thread."""
+def in_process_round(fed: Federation, workdir: Path, with_evaluate: bool, cpu: bool = False) -> list[float]:
+    """Seconds of each site's work (train_round [+ validation_loss]) from the initial weights, 1 thread.
+
+    Wall seconds, or CPU seconds of this process with ``cpu``.
+    """
     torch.set_num_threads(1)
     torch.manual_seed(fed.cfg.training.seed)
     weights = trainable_state(build_unet(fed.cfg.model))
+    clock = time.process_time if cpu else time.perf_counter
     seconds = []
-    for i, path in enumerate(fed.site_paths):
+    for path in fed.site_paths:
         site = fresh_site_copy(path, workdir / f"inproc-{time.monotonic_ns()}")
-        slices = load_site_slices(site.data_dir, fed.cfg.model.classes, fed.cfg.data)  # loaded once per round by a site too
-        start = time.perf_counter()
+        slices = load_site_slices(site.data_dir, fed.cfg.model.classes, fed.cfg.data)  # a site caches them across rounds
+        start = clock()
         result = train_round(fed.cfg, site, slices, weights, server_round=2)
         if with_evaluate:
             validation_loss(fed.cfg, slices, result.arrays)
-        seconds.append(time.perf_counter() - start)
+        seconds.append(clock() - start)
     return seconds
 
 
-def simulate(fed: Federation, workdir: Path, cpus_per_site: int, timeout_s: float = 900.0) -> float:
+def simulate(fed: Federation, workdir: Path, cpus_per_site: int, timeout_s: float = 900.0,
+             sampler: TreeMemorySampler | None = None) -> float:
     """server.simulation.run_simulation with a chosen ``client-resources-num-cpus``; returns wall seconds."""
     run_config = {keys.RUN_CONFIG_PATH: str(fed.config_path.resolve()),
                   keys.RUN_SIM_SITES: ",".join(str(p.resolve()) for p in fed.site_paths)}
     start = time.perf_counter()
-    with local_superlink(workdir / "flower") as link:
+    with sampler or nullcontext(), local_superlink(workdir / "flower") as link:
         run_id = submit_run(link, PROJECT_ROOT, run_config, num_supernodes=len(fed.site_paths), cpus_per_site=cpus_per_site)
         status = follow_run(run_id, lambda: str(run_status(link, run_id).get("status", "")), fed.cfg, timeout_s, False)
         save_run_log(link, run_id, workdir / "run.log")
@@ -83,14 +89,22 @@ def simulation_overhead(root: Path, rounds: int, local_steps: int, parallel_too:
     training = {"local_steps": local_steps, "batch_size": 8}
     fed = make_federation(root / "seq", 3, model=TINY_32, image_size=32, training=training,
                           federation={"num_rounds": rounds}, patients_per_class=16)
-    before = [in_process_round(fed, root / "baseline", with_evaluate=w) for w in (False, True)]
-    wall = simulate(fed, root / "seq" / "work", cpus_per_site=2)
-    after = [in_process_round(fed, root / "baseline", with_evaluate=w) for w in (False, True)]
+    baseline = root / "baseline"
+    before = [sum(in_process_round(fed, baseline, with_evaluate=w)) for w in (False, True)]
+    before_cpu = sum(in_process_round(fed, baseline, with_evaluate=False, cpu=True))
+    tree = TreeMemorySampler(period_s=0.25)
+    wall = simulate(fed, root / "seq" / "work", cpus_per_site=2, sampler=tree)
+    after = [sum(in_process_round(fed, baseline, with_evaluate=w)) for w in (False, True)]
+    after_cpu = sum(in_process_round(fed, baseline, with_evaluate=False, cpu=True))
     times = round_times(fed)
-    train_only = statistics.median([sum(before[0]), sum(after[0])])
-    with_eval = statistics.median([sum(before[1]), sum(after[1])])
+    train_only, with_eval = (before[0] + after[0]) / 2, (before[1] + after[1]) / 2
     per_round = statistics.median(times["round_seconds"])
     per_round_wall = statistics.median(times["round_wall_s"])
+    # CPU seconds of the whole process tree (SuperLink, ServerApp, Ray, the sites) per train phase:
+    # unlike wall time, not inflated when other people's jobs take the cores.
+    ends = [r["time"] for r in _rows(fed) if r.get("phase") == "train" and r.get("kind") == "aggregate" and r["round"] > 1]
+    tree_cpu = [tree.cpu_at(end) - tree.cpu_at(end - secs) for end, secs in zip(sorted(ends), times["round_seconds"])]
+    baseline_cpu = (before_cpu + after_cpu) / 2
     out = {
         "sites": 3, "rounds": rounds, "local_steps": local_steps, "params": count_parameters(build_unet(fed.cfg.model)),
         "in_process_train_s": train_only, "in_process_train_eval_s": with_eval,
@@ -99,6 +113,9 @@ def simulation_overhead(root: Path, rounds: int, local_steps: int, parallel_too:
         "startup_shutdown_s": wall - times["first_round_seconds"] - sum(times["round_wall_s"]),
         "overhead_ratio": per_round / train_only,
         "overhead_ratio_with_evaluate": per_round_wall / with_eval,
+        "in_process_train_cpu_s": baseline_cpu, "sim_round_tree_cpu_s": tree_cpu,
+        "overhead_ratio_cpu": statistics.median(tree_cpu) / baseline_cpu if tree_cpu else float("nan"),
+        "in_process_train_s_before_after": [before[0], after[0]],
         "state_dirs": [str(path.parent / "state") for path in fed.site_paths],
     }
     if parallel_too:

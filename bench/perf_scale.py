@@ -35,5 +35,5 @@ def measure(root: Path, sites: int, rounds: int) -> dict:
 
 def run(quick: bool, workdir: Path) -> dict:
     counts = (1, 5) if quick else (1, 5, 10, 20, 50)
-    rows = [measure(workdir / f"sites-{n}", n, rounds=3) for n in counts]
+    rows = [measure(workdir / f"sites-{n}", n, rounds=2 if quick else 3) for n in counts]
     return {"rows": rows}

@@ -54,15 +54,12 @@ class PlainStep:
             self._empty()
 
 
-def clip_and_sum(grads: dict[nn.Parameter, torch.Tensor], max_grad_norm: float) -> dict[nn.Parameter, torch.Tensor]:
-    """``sum_i c_i g_i`` per parameter, each sample clipped to ``max_grad_norm`` over all parameters.
-
-    Args:
-        grads: per-sample gradients, ``(N, *param.shape)`` per parameter.
-    """
-    norms = torch.stack([g.reshape(len(g), -1).norm(2, dim=-1) for g in grads.values()], dim=1).norm(2, dim=1)
+def clip_and_sum(per_sample: torch.Tensor, max_grad_norm: float) -> torch.Tensor:
+    """``sum_i c_i g_i``: each row of ``per_sample`` (``(N, P)``, one sample's gradient over all
+    parameters) clipped to L2 norm ``max_grad_norm``, then summed; shape ``(P,)``."""
+    norms = per_sample.norm(2, dim=1)
     factor = (max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
-    return {p: torch.einsum("i,i...", factor.to(g.dtype), g) for p, g in grads.items()}
+    return factor.to(per_sample.dtype) @ per_sample  # a GEMV: no scaled (N, P) copy
 
 
 class DPSGDStep:
@@ -87,11 +84,11 @@ class DPSGDStep:
         self.noise_generator = noise_generator
 
     def clipped_sum(self, compute_losses: LossFn) -> tuple[dict[nn.Parameter, torch.Tensor], torch.Tensor]:
-        """The clipped, summed per-sample gradients (no noise) and the per-sample losses."""
+        """The clipped, summed per-sample gradients (no noise) per parameter, and the per-sample losses."""
         with self.sampler.recording():
             losses = compute_losses()
-        grads = self.sampler.backward(losses)
-        return clip_and_sum(grads, self.max_grad_norm), losses.detach()
+        summed = clip_and_sum(self.sampler.backward(losses), self.max_grad_norm)
+        return self.sampler.per_param(summed), losses.detach()
 
     def step(self, compute_losses: LossFn) -> torch.Tensor:
         summed, losses = self.clipped_sum(compute_losses)

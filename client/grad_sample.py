@@ -23,67 +23,77 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# (module, layer input, gradient of the layer output) -> per-sample gradient per parameter name
-Kernel = Callable[[nn.Module, torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]
+# (module, layer input, gradient of the layer output, where to write) -> per-sample gradient per
+# parameter name. A kernel may write a result straight into the ``(N, *shape)`` view it is offered
+# (and return that view) to spare a copy of the largest tensors of the step.
+Kernel = Callable[[nn.Module, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]], dict[str, torch.Tensor]]
 
 
-# Output maps of at least this many pixels: one weight-gradient call per sample; smaller ones: one
-# grouped call for the whole batch. Measured on CPU (bench/perf_dp.py): per-sample calls match the
-# batched kernel on large maps but pay a fixed cost per call that dominates on small maps.
+# Which kernel computes a conv layer's per-sample weight gradients, measured per layer shape on
+# this project's 2-core CPU (bench/perf_dp.py; N = 16): one call per sample with the kernel autograd
+# itself uses is within 0.9-1.3x of the batched gradient on large maps or many channels, but pays a
+# fixed cost per call on small layers; one grouped call for the whole batch (the batch as groups)
+# wins there, and loses badly (up to 5x) once a group holds many channels. unfold + bmm (Opacus'
+# way) was never the best and materialises a k*k-fold copy of the input.
 LOOP_MIN_PIXELS = 1024
+GROUPED_MAX_CHANNELS = 128 * 64  # (input channels per group) x (output channels)
 
 
-def _conv2d(module: nn.Conv2d, a: torch.Tensor, b: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Per-sample weight gradients with the weight-gradient kernel autograd itself would use.
+def _use_grouped(module: nn.Conv2d, b: torch.Tensor) -> bool:
+    if b.device.type != "cpu":  # one launch instead of N on an accelerator (not measured here)
+        return True
+    small_map = b.shape[2] * b.shape[3] < LOOP_MIN_PIXELS
+    return small_map and module.weight.shape[0] * module.weight.shape[1] <= GROUPED_MAX_CHANNELS
 
-    unfold + bmm (Opacus' way) was 1.5-3x slower here and materialises a k*k-fold copy of the input.
-    """
+
+def _conv2d(module: nn.Conv2d, a: torch.Tensor, b: torch.Tensor, out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Per-sample weight gradients with the weight-gradient kernel autograd itself would use."""
     w = module.weight
     a, b = a.to(w.dtype), b.to(w.dtype)
     n = a.shape[0]
     args = (list(module.stride), list(module.padding), list(module.dilation), False, [0, 0])
-    if b.shape[2] * b.shape[3] >= LOOP_MIN_PIXELS:
-        gw = torch.empty((n, *w.shape), device=w.device, dtype=w.dtype)
-        for i in range(n):
-            gw[i] = torch.ops.aten.convolution_backward(b[i:i + 1], a[i:i + 1], w, None, *args, module.groups,
-                                                        [False, True, False])[1]
-    else:
-        # The batch as groups: sample i's input channels only meet sample i's output channels.
+    if _use_grouped(module, b):
+        # Sample i's input channels only meet sample i's output channels.
         grouped = w.repeat(n, 1, 1, 1)
         gw = torch.ops.aten.convolution_backward(b.reshape(1, -1, *b.shape[2:]), a.reshape(1, -1, *a.shape[2:]), grouped,
                                                  None, *args, module.groups * n, [False, True, False])[1]
         gw = gw.view(n, *w.shape)
-    out = {"weight": gw}
+    else:
+        gw = out["weight"] if "weight" in out else torch.empty((n, *w.shape), device=w.device, dtype=w.dtype)
+        for i in range(n):
+            gw[i] = torch.ops.aten.convolution_backward(b[i:i + 1], a[i:i + 1], w, None, *args, module.groups,
+                                                        [False, True, False])[1]
+    grads = {"weight": gw}
     if module.bias is not None:
-        out["bias"] = b.sum(dim=(2, 3))
-    return out
+        grads["bias"] = b.sum(dim=(2, 3))
+    return grads
 
 
-def _linear(module: nn.Linear, a: torch.Tensor, b: torch.Tensor) -> dict[str, torch.Tensor]:
+def _linear(module: nn.Linear, a: torch.Tensor, b: torch.Tensor, out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     w = module.weight
     n = a.shape[0]
     a3 = a.to(w.dtype).reshape(n, -1, a.shape[-1])  # (N, tokens, in); tokens = 1 for a plain (N, in) input
     b3 = b.to(w.dtype).reshape(n, -1, b.shape[-1])
-    out = {"weight": torch.bmm(b3.transpose(1, 2), a3)}
+    grads = {"weight": torch.bmm(b3.transpose(1, 2), a3)}
     if module.bias is not None:
-        out["bias"] = b3.sum(dim=1)
-    return out
+        grads["bias"] = b3.sum(dim=1)
+    return grads
 
 
-def _group_norm(module: nn.GroupNorm, a: torch.Tensor, b: torch.Tensor) -> dict[str, torch.Tensor]:
+def _group_norm(module: nn.GroupNorm, a: torch.Tensor, b: torch.Tensor, out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     w = module.weight
     x_hat = F.group_norm(a.to(w.dtype), module.num_groups, eps=module.eps)
     b = b.to(w.dtype)
     dims = tuple(range(2, a.dim()))
-    out = {}
+    grads = {}
     if module.weight is not None:
-        out["weight"] = (b * x_hat).sum(dim=dims)
+        grads["weight"] = (b * x_hat).sum(dim=dims)
     if module.bias is not None:
-        out["bias"] = b.sum(dim=dims)
-    return out
+        grads["bias"] = b.sum(dim=dims)
+    return grads
 
 
-def _embedding(module: nn.Embedding, a: torch.Tensor, b: torch.Tensor) -> dict[str, torch.Tensor]:
+def _embedding(module: nn.Embedding, a: torch.Tensor, b: torch.Tensor, out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     w = module.weight
     n, rows = a.shape[0], w.shape[0]
     index = a.reshape(n, -1)
@@ -118,17 +128,22 @@ def _check_supported(module: nn.Module, name: str) -> None:
 
 
 class GradSampler:
-    """Computes ``(N, *param.shape)`` per-sample gradients of ``model``'s trainable parameters.
+    """Per-sample gradients of ``model``'s trainable parameters, as one ``(N, P)`` matrix.
 
     Usage::
 
         sampler = GradSampler(model)
         with sampler.recording():
             losses = per_sample_loss(model, batch)        # (N,)
-        grads = sampler.backward(losses)                  # {param: (N, *param.shape)}
+        flat = sampler.backward(losses)                   # (N, P), P = trainable parameters
+        grads = sampler.per_param(flat)                   # {param: (N, *param.shape)} views
 
-    ``grads[p][i]`` is the gradient of ``losses[i]`` alone: the batch's samples must not
-    interact in the forward pass (no BatchNorm), which holds for the layers supported.
+    Row ``i`` is the gradient of ``losses[i]`` alone: the batch's samples must not interact
+    in the forward pass (no BatchNorm), which holds for the layers supported.
+
+    The matrix lives in one buffer kept across steps (grown to the largest batch seen) and is
+    overwritten by the next ``backward``: many per-layer tensors allocated and freed every
+    step fragment the heap, and the process's RSS then creeps up step after step.
     """
 
     def __init__(self, model: nn.Module) -> None:
@@ -142,23 +157,30 @@ class GradSampler:
             _check_supported(module, name)
             self.layers.append((name, module))
             covered.update(id(p) for p in params)
+        self.params = [p for p in model.parameters() if p.requires_grad]
         missing = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in covered]
         if missing:
             raise NotImplementedError(f"per-sample gradients: parameters outside any layer: {missing[:3]}")
-        self._grads: dict[nn.Parameter, torch.Tensor] = {}
+        if len({(p.device, p.dtype) for p in self.params}) > 1:
+            raise NotImplementedError("per-sample gradients: trainable parameters on several devices or dtypes")
+        self._offsets: dict[int, tuple[int, int]] = {}
+        offset = 0
+        for p in self.params:
+            self._offsets[id(p)] = (offset, p.numel())
+            offset += p.numel()
+        self.size = offset
+        self._buffer: torch.Tensor | None = None
+        self._written: set[int] = set()
         self._roots: list[tuple[nn.Module, torch.Tensor, torch.Tensor]] = []
-        self._recording = False
 
     @contextmanager
     def recording(self) -> Iterator[None]:
         """Record the layers' inputs during the forward passes run inside the block."""
-        self._grads, self._roots = {}, []
+        self._written, self._roots = set(), []
         handles = [module.register_forward_hook(self._on_forward) for _, module in self.layers]
-        self._recording = True
         try:
             yield
         finally:
-            self._recording = False
             for handle in handles:
                 handle.remove()
 
@@ -185,16 +207,35 @@ class GradSampler:
                                "after the layer ran; its per-sample gradient would be wrong")
         self._accumulate(module, a, b)
 
+    def _slot(self, p: nn.Parameter, n: int) -> torch.Tensor:
+        """Rows ``:n`` of ``p``'s columns in the buffer, shaped ``(n, *p.shape)``."""
+        if self._buffer is None or self._buffer.shape[0] < n:
+            self._buffer = None  # free the old one first
+            self._buffer = torch.empty((n, self.size), device=p.device, dtype=p.dtype)
+        offset, size = self._offsets[id(p)]
+        return self._buffer[:n, offset:offset + size].view(n, *p.shape)
+
+    @torch.no_grad()  # the root layers' kernels run after autograd.grad returned: keep them off any graph
     def _accumulate(self, module: nn.Module, a: torch.Tensor, b: torch.Tensor) -> None:
-        for pname, g in KERNELS[type(module)](module, a, b).items():
+        n = a.shape[0]
+        free = {name: self._slot(p, n) for name, p in module.named_parameters(recurse=False)
+                if p.requires_grad and id(p) not in self._written}
+        for pname, g in KERNELS[type(module)](module, a, b, free).items():
             p = getattr(module, pname)
             if not p.requires_grad:
                 continue
-            # A layer called more than once per forward (weight sharing) gets the sum of its calls.
-            self._grads[p] = self._grads[p] + g if p in self._grads else g
+            if id(p) in self._written:  # a layer called more than once per forward gets the sum of its calls
+                self._slot(p, n).add_(g)
+                continue
+            if g is not free[pname]:
+                free[pname].copy_(g)
+            self._written.add(id(p))
 
-    def backward(self, losses: torch.Tensor) -> dict[nn.Parameter, torch.Tensor]:
-        """Per-sample gradients of ``losses`` (shape ``(N,)``, one loss per sample)."""
+    def backward(self, losses: torch.Tensor) -> torch.Tensor:
+        """Per-sample gradients of ``losses`` (shape ``(N,)``, one loss per sample) as an ``(N, P)`` matrix.
+
+        The matrix is valid until the next call.
+        """
         if losses.dim() != 1:
             raise ValueError(f"expected one loss per sample, shape (N,), got {tuple(losses.shape)}")
         roots = self._roots
@@ -204,8 +245,18 @@ class GradSampler:
         root_grads = torch.autograd.grad(losses.sum(), [leaf for _, _, leaf in roots], allow_unused=True)
         for (module, a, leaf), b in zip(roots, root_grads):
             self._accumulate(module, a, b if b is not None else torch.zeros_like(leaf))
-        grads, self._grads, self._roots = self._grads, {}, []
-        for p in self.model.parameters():  # a parameter the loss does not reach has a zero gradient
-            if p.requires_grad and p not in grads:
-                grads[p] = torch.zeros((losses.shape[0], *p.shape), device=p.device, dtype=p.dtype)
-        return grads
+        n = losses.shape[0]
+        for p in self.params:  # a parameter the loss does not reach has a zero gradient
+            if id(p) not in self._written:
+                self._slot(p, n).zero_()
+        self._written, self._roots = set(), []
+        return self._buffer[:n]
+
+    def per_param(self, flat: torch.Tensor) -> dict[nn.Parameter, torch.Tensor]:
+        """Views of an ``(N, P)`` matrix or a ``(P,)`` vector, ``(N, *shape)`` or ``shape`` per parameter."""
+        lead = tuple(flat.shape[:-1])
+        out = {}
+        for p in self.params:
+            offset, size = self._offsets[id(p)]
+            out[p] = flat[..., offset:offset + size].reshape(*lead, *p.shape)
+        return out

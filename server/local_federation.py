@@ -108,6 +108,36 @@ def stop_process_tree(process: subprocess.Popen, grace_s: float = 10.0) -> None:
         pass
 
 
+def processes_with_env(name: str, value: str) -> list[int]:
+    """Live processes whose environment has ``name=value``.
+
+    Ray starts its workers from daemons that outlive their parents, so a process-tree walk
+    can miss them; every one of them inherits the private ``FLWR_HOME`` of its run, though.
+    """
+    marker = f"{name}={value}".encode() + b"\0"
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if marker in (entry / "environ").read_bytes() + b"\0" and _alive(int(entry.name)):
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
+def stop_processes_with_env(name: str, value: str, grace_s: float = 5.0) -> None:
+    pids = processes_with_env(name, value)
+    for pid in pids:
+        _signal(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline and any(_alive(pid) for pid in pids):
+        time.sleep(0.2)
+    for pid in processes_with_env(name, value):
+        _signal(pid, signal.SIGKILL)
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -158,6 +188,8 @@ def local_superlink(workdir: Path, startup_timeout_s: float = 60.0, simulation: 
         yield link
     finally:
         stop_process_tree(process)
+        if Path("/proc").is_dir():
+            stop_processes_with_env("FLWR_HOME", str(flwr_home))
 
 
 def _wait_ready(link: LocalSuperLink, timeout_s: float) -> None:

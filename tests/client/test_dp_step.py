@@ -83,15 +83,15 @@ def test_clipped_sum_matches_a_per_example_loop() -> None:
     assert all(_rel_error({k: got[k]}, {k: reference[k]}) < 1e-4 for k in reference if reference[k].norm() > 0)
 
 
-@pytest.mark.parametrize("loop_min_pixels", [0, 10**9], ids=["per-sample-calls", "grouped-call"])
+@pytest.mark.parametrize("grouped", [False, True], ids=["per-sample-calls", "grouped-call"])
 def test_per_sample_gradients_are_exact_and_autograd_skips_the_summed_gradient(
-        loop_min_pixels: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(grad_sample, "LOOP_MIN_PIXELS", loop_min_pixels)  # both conv kernels
+        grouped: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(grad_sample, "_use_grouped", lambda module, b: grouped)  # both conv kernels
     model, batch = _model(), _batch(n=4)
     sampler = GradSampler(model)
     with sampler.recording():
         losses = _losses(model, batch)
-    grads = sampler.backward(losses)
+    grads = sampler.per_param(sampler.backward(losses))
     assert all(p.grad is None for p in model.parameters())  # no weight-gradient kernel ran for .grad
     assert set(grads) == set(model.parameters())
     for i in range(4):

@@ -51,8 +51,12 @@ def test_two_sites_two_rounds_then_resume(tmp_path: Path) -> None:
     data_b = write_shapes_dataset(tmp_path / "data-b", per_class=6, seed=2)
     # Site a has a policy approving exactly the code under test: the app check passes in a real run.
     policy_a = tmp_path / "policy-a.yaml"
-    policy_a.write_text(yaml.safe_dump({"max_epsilon": 50.0, "max_delta": 1e-5, "min_noise_multiplier": 0.5,
-                                        "max_grad_norm": 1.0, "min_patients": 5, "approved_apps": [app_code_hash(REPO)]}))
+
+    def approve_current_code() -> None:
+        policy_a.write_text(yaml.safe_dump({"max_epsilon": 50.0, "max_delta": 1e-5, "min_noise_multiplier": 0.5,
+                                            "max_grad_norm": 1.0, "min_patients": 5, "approved_apps": [app_code_hash(REPO)]}))
+
+    approve_current_code()
     sites = [write_site(tmp_path / "sites", "site-a", data_a, policy_file=str(policy_a)),
              write_site(tmp_path / "sites", "site-b", data_b)]
     fed_path = tmp_path / "federation.yaml"
@@ -104,6 +108,7 @@ def test_two_sites_two_rounds_then_resume(tmp_path: Path) -> None:
     policy_c.write_text(yaml.safe_dump({"max_epsilon": 50.0, "max_delta": 1e-5, "approved_apps": ["0" * 64]}))
     sites.append(write_site(tmp_path / "sites", "site-c", data_a, policy_file=str(policy_c)))
     cfg3 = load_federation_config(fed_path)
+    approve_current_code()  # the hash of the code each run ships
     result = run_simulation(cfg3, fed_path, sites, tmp_path / "work-resume", progress=False)
     assert result.rounds_completed == 3
     final3 = load_checkpoint(cfg3.federation.final_model_path)
