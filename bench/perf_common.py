@@ -109,6 +109,13 @@ def _memory_kb(pid: int) -> tuple[int, int]:
     return rss, pss
 
 
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
 def _cpu_s(pid: int) -> float:
     """User + system CPU seconds of ``pid`` and of its children it has waited for."""
     try:
@@ -126,8 +133,11 @@ class TreeMemorySampler:
     the tree's CPU seconds at wall-clock time ``t`` (``time.time()``), interpolated.
     """
 
-    def __init__(self, period_s: float = 0.5) -> None:
+    def __init__(self, period_s: float = 0.5, cpu_subtree: str = "flower-superlink") -> None:
         self.period_s = period_s
+        # CPU is summed under the process whose command line holds ``cpu_subtree`` only: the short
+        # ``flwr list`` calls that follow a run would come and go between samples.
+        self.cpu_subtree = cpu_subtree
         self.peak_rss_mb = self.peak_pss_mb = 0.0
         self.peak_processes = 0
         self.cpu_timeline: list[tuple[float, float]] = []
@@ -151,11 +161,20 @@ class TreeMemorySampler:
                     pids.append(child)
                     stack.append(child)
             totals = [_memory_kb(pid) for pid in pids]
-            self.cpu_timeline.append((time.time(), sum(_cpu_s(pid) for pid in pids)))
+            self.cpu_timeline.append((time.time(), sum(_cpu_s(pid) for pid in self._subtree(tree, pids))))
             self.peak_rss_mb = max(self.peak_rss_mb, sum(r for r, _ in totals) / 1024)
             self.peak_pss_mb = max(self.peak_pss_mb, sum(p for _, p in totals) / 1024)
             self.peak_processes = max(self.peak_processes, len(pids))
             self._stop.wait(self.period_s)
+
+    def _subtree(self, tree: dict[int, list[int]], pids: list[int]) -> list[int]:
+        tops = [pid for pid in pids if self.cpu_subtree in _cmdline(pid)]
+        found, stack = list(tops), list(tops)
+        while stack:
+            for child in tree.get(stack.pop(), []):
+                found.append(child)
+                stack.append(child)
+        return found
 
     def cpu_at(self, t: float) -> float:
         points = self.cpu_timeline

@@ -98,7 +98,7 @@ def _val_loss(cfg: FedsynthConfig, fed: Federation, weights: dict) -> float:
 
 def quality(root: Path, rounds: int) -> dict:
     torch.set_num_threads(1)
-    fed = make_federation(root / "fed", 2, model=TINY_32, image_size=32, training={"local_steps": 10, "batch_size": 8},
+    fed = make_federation(root / "fed", 2, model=TINY_32, image_size=32, training={"local_steps": 5, "batch_size": 8},
                           patients_per_class=16)
     cfg = fed.cfg
     torch.manual_seed(cfg.training.seed)

@@ -33,11 +33,12 @@ sys.path[:0] = [str(ROOT), str(ROOT / "bench")]  # runs from a clone without `pi
 from quality_data import load_slices, sample_set  # noqa: E402
 from quality_split import describe, site_slices, split_hospitals  # noqa: E402
 from quality_table import markdown_table, print_table, summarise  # noqa: E402
-from quality_train import ModelPreset, train_central, train_federated  # noqa: E402
+from quality_train import ModelPreset, federation_config, train_central, train_federated  # noqa: E402
 from client.site_data import SiteSlices  # noqa: E402
 from server.evaluation.classifier import ClassifierSettings  # noqa: E402
 from server.evaluation.evaluate import EvaluationSettings, evaluate_sets, write_report  # noqa: E402
 from server.evaluation.image_sets import ImageSet  # noqa: E402
+from common.checkpoint import Checkpoint, save_checkpoint  # noqa: E402
 from common.fileio import write_bytes_atomic, write_json_atomic  # noqa: E402
 
 PRESETS = {
@@ -48,6 +49,7 @@ PRESETS = {
     "gpu": dict(model=ModelPreset(image_size=64, channels=(64, 128, 128), rounds=40, local_steps=60, batch_size=64,
                                   learning_rate=5e-4, head_channels=16), samples=1000, sweep_samples=400, classifier_steps=800),
 }
+RUNS = ("central", "federated", "federated_dp")
 GUIDANCE_SWEEP = (0.0, 1.0, 3.0, 5.0)
 STEPS_SWEEP = (10, 25, 50)
 
@@ -89,7 +91,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--guidance", type=float, default=1.0, help="guidance for the main comparison")
     p.add_argument("--epsilon", type=float, default=8.0, help="per-site DP budget of run (c)")
     p.add_argument("--delta", type=float, default=1e-5)
-    p.add_argument("--sweep-model", choices=("central", "federated", "federated_dp"), default="federated_dp")
+    p.add_argument("--runs", nargs="+", choices=RUNS, default=list(RUNS), help="which of the three models to train")
+    p.add_argument("--sweep-model", choices=RUNS, default="federated_dp")
     p.add_argument("--no-sweep", action="store_true")
     # 1 by default: on a shared 2-core machine 2 threads measured 3-4x SLOWER per step than 1
     p.add_argument("--threads", type=int, default=1, help="torch threads")
@@ -102,12 +105,15 @@ def main(argv: list[str] | None = None) -> int:
     if not args.data.is_dir():
         print(f"quality benchmark: {args.data} not found (the real data lives in ../shared/data)", file=sys.stderr)
         return 2
+    if not args.no_sweep and args.sweep_model not in args.runs:
+        print(f"quality benchmark: --sweep-model {args.sweep_model} is not among --runs {args.runs}", file=sys.stderr)
+        return 2
     torch.set_num_threads(args.threads)
     preset = PRESETS[args.preset]
     model: ModelPreset = dataclasses.replace(preset["model"], **{k: v for k, v in (("rounds", args.rounds),
                                                                                     ("local_steps", args.local_steps)) if v})
     samples = args.samples or preset["samples"]
-    reduced = model != preset["model"] or samples != preset["samples"]
+    reduced = model != preset["model"] or samples != preset["samples"] or set(args.runs) != set(RUNS)
     run_dir = args.out / time.strftime("run-%Y%m%d-%H%M%S")  # fresh privacy ledgers every time
     started = time.time()
     result: dict = {"preset": args.preset, "reduced": reduced, "model": dataclasses.asdict(model), "samples": samples,
@@ -131,8 +137,10 @@ def main(argv: list[str] | None = None) -> int:
                                                 label="federated+DP"),
     }
     outcomes = {}
-    for name, train in trained.items():
-        outcome = outcomes[name] = train()
+    for name in args.runs:
+        outcome = outcomes[name] = trained[name]()
+        save_checkpoint(run_dir / name / "model.pt", Checkpoint(federation_config(model, slices.classes, run_dir / name, 1, False),
+                                                               outcome.arrays, model.rounds))
         synthetic, sample_s = sample_set(model, slices.classes, outcome.arrays, samples, args.steps, args.guidance, args.seed)
         report = evaluate_model(name, synthetic, real_test, real_train, eval_settings, run_dir, full_report=True)
         result["runs"][name] = {"train_seconds": round(outcome.seconds, 1), "sample_seconds": round(sample_s, 1),

@@ -20,7 +20,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from client.grad_sample import GradSampler
+from client.grad_sample import GradSampler, PerSampleGrads
 
 # Computes the batch's per-sample losses, shape (N,), inside the step (the forward pass must
 # run where the step can observe it).
@@ -54,12 +54,12 @@ class PlainStep:
             self._empty()
 
 
-def clip_and_sum(per_sample: torch.Tensor, max_grad_norm: float) -> torch.Tensor:
-    """``sum_i c_i g_i``: each row of ``per_sample`` (``(N, P)``, one sample's gradient over all
-    parameters) clipped to L2 norm ``max_grad_norm``, then summed; shape ``(P,)``."""
-    norms = per_sample.norm(2, dim=1)
+def clip_and_sum(grads: PerSampleGrads, max_grad_norm: float) -> dict[nn.Parameter, torch.Tensor]:
+    """``sum_i c_i g_i`` per parameter, each sample's gradient (over all parameters) clipped to L2 norm
+    ``max_grad_norm``: ``c_i = min(1, C / (||g_i|| + 1e-6))``."""
+    norms = grads.sq_norms().sqrt()
     factor = (max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
-    return factor.to(per_sample.dtype) @ per_sample  # a GEMV: no scaled (N, P) copy
+    return grads.weighted_sum(factor)
 
 
 class DPSGDStep:
@@ -87,8 +87,7 @@ class DPSGDStep:
         """The clipped, summed per-sample gradients (no noise) per parameter, and the per-sample losses."""
         with self.sampler.recording():
             losses = compute_losses()
-        summed = clip_and_sum(self.sampler.backward(losses), self.max_grad_norm)
-        return self.sampler.per_param(summed), losses.detach()
+        return clip_and_sum(self.sampler.backward(losses), self.max_grad_norm), losses.detach()
 
     def step(self, compute_losses: LossFn) -> torch.Tensor:
         summed, losses = self.clipped_sum(compute_losses)

@@ -3,181 +3,132 @@
 Opacus' hooks let autograd compute the summed weight gradient *and* then compute the
 per-sample ones on top, so DP-SGD pays for the weight gradient twice (~1.8x a plain step
 on fedsynth's UNet). Here autograd only carries gradients from layer to layer:
-``torch.autograd.grad`` is asked for the inputs of the network, so no weight-gradient
-kernel runs and no ``.grad`` is accumulated. Each layer's per-sample weight gradient is
-computed once, from the layer's saved input and the gradient of its output, as that
-gradient arrives.
+``torch.autograd.grad`` is asked for the layers' outputs at the root of the graph, so no
+weight-gradient kernel runs and no ``.grad`` is accumulated. Each layer's per-sample weight
+gradient is computed once (client/grad_kernels.py), as the gradient of its output arrives.
 
-Supported layers are exactly those of MONAI's ``DiffusionModelUNet``: ``Conv2d``,
-``Linear``, ``GroupNorm`` and ``Embedding``. A model with any other layer holding
-parameters is refused with the layer's name (use Opacus' ``hooks`` mode for it).
+Memory: the per-sample gradients of most layers are kept as rows of one ``(N, P)`` buffer.
+A Conv2d or Linear layer whose per-sample weight gradient is bigger than its input and
+output gradient together (many channels on a small map: the bulk of a UNet's parameters)
+keeps only those two tensors and its per-sample norms; its clipped sum is computed later
+by one batched kernel with per-sample-scaled output gradients (the "book-keeping" trick).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from functools import partial
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-# (module, layer input, gradient of the layer output, where to write) -> per-sample gradient per
-# parameter name. A kernel may write a result straight into the ``(N, *shape)`` view it is offered
-# (and return that view) to spare a copy of the largest tensors of the step.
-Kernel = Callable[[nn.Module, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]], dict[str, torch.Tensor]]
+from client.grad_kernels import KERNELS, WEIGHTED, check_supported
 
 
-# Which kernel computes a conv layer's per-sample weight gradients, measured per layer shape on
-# this project's 2-core CPU (bench/perf_dp.py; N = 16): one call per sample with the kernel autograd
-# itself uses is within 0.9-1.3x of the batched gradient on large maps or many channels, but pays a
-# fixed cost per call on small layers; one grouped call for the whole batch (the batch as groups)
-# wins there, and loses badly (up to 5x) once a group holds many channels. unfold + bmm (Opacus'
-# way) was never the best and materialises a k*k-fold copy of the input.
-LOOP_MIN_PIXELS = 1024
-GROUPED_MAX_CHANNELS = 128 * 64  # (input channels per group) x (output channels)
+def defer(weight_numel: int, batch: int, input_numel: int, output_numel: int) -> bool:
+    """Keep the layer's input and output gradient instead of its per-sample gradients?"""
+    return batch * weight_numel > input_numel + output_numel
 
 
-def _use_grouped(module: nn.Conv2d, b: torch.Tensor) -> bool:
-    if b.device.type != "cpu":  # one launch instead of N on an accelerator (not measured here)
-        return True
-    small_map = b.shape[2] * b.shape[3] < LOOP_MIN_PIXELS
-    return small_map and module.weight.shape[0] * module.weight.shape[1] <= GROUPED_MAX_CHANNELS
+@dataclass
+class _Layer:
+    name: str
+    module: nn.Module
+    params: list[nn.Parameter]
+    deferred: bool | None = None  # decided at the first backward, from the first forward's sizes
+    calls: int = 0
+    sizes: tuple[int, int, int] = (0, 0, 0)  # batch, input numel, output numel of the first call
 
 
-def _conv2d(module: nn.Conv2d, a: torch.Tensor, b: torch.Tensor, out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Per-sample weight gradients with the weight-gradient kernel autograd itself would use."""
-    w = module.weight
-    a, b = a.to(w.dtype), b.to(w.dtype)
-    n = a.shape[0]
-    args = (list(module.stride), list(module.padding), list(module.dilation), False, [0, 0])
-    if _use_grouped(module, b):
-        # Sample i's input channels only meet sample i's output channels.
-        grouped = w.repeat(n, 1, 1, 1)
-        gw = torch.ops.aten.convolution_backward(b.reshape(1, -1, *b.shape[2:]), a.reshape(1, -1, *a.shape[2:]), grouped,
-                                                 None, *args, module.groups * n, [False, True, False])[1]
-        gw = gw.view(n, *w.shape)
-    else:
-        gw = out["weight"] if "weight" in out else torch.empty((n, *w.shape), device=w.device, dtype=w.dtype)
-        for i in range(n):
-            gw[i] = torch.ops.aten.convolution_backward(b[i:i + 1], a[i:i + 1], w, None, *args, module.groups,
-                                                        [False, True, False])[1]
-    grads = {"weight": gw}
-    if module.bias is not None:
-        grads["bias"] = b.sum(dim=(2, 3))
-    return grads
+@dataclass
+class PerSampleGrads:
+    """One batch's per-sample gradients; valid until the sampler's next ``backward``."""
 
+    sampler: GradSampler
+    rows: torch.Tensor  # (N, P_kept): materialised per-sample gradients
+    deferred: list[tuple[_Layer, torch.Tensor, torch.Tensor]] = field(default_factory=list)  # (layer, a, b)
+    deferred_sq_norms: torch.Tensor | None = None  # (N,)
 
-def _linear(module: nn.Linear, a: torch.Tensor, b: torch.Tensor, out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    w = module.weight
-    n = a.shape[0]
-    a3 = a.to(w.dtype).reshape(n, -1, a.shape[-1])  # (N, tokens, in); tokens = 1 for a plain (N, in) input
-    b3 = b.to(w.dtype).reshape(n, -1, b.shape[-1])
-    grads = {"weight": torch.bmm(b3.transpose(1, 2), a3)}
-    if module.bias is not None:
-        grads["bias"] = b3.sum(dim=1)
-    return grads
+    def sq_norms(self) -> torch.Tensor:
+        """``||g_i||^2`` over all parameters, ``(N,)``."""
+        sq = torch.linalg.vector_norm(self.rows, dim=1).square()
+        return sq if self.deferred_sq_norms is None else sq + self.deferred_sq_norms
 
+    @torch.no_grad()
+    def weighted_sum(self, c: torch.Tensor) -> dict[nn.Parameter, torch.Tensor]:
+        """``sum_i c_i g_i`` per parameter."""
+        kept = c.to(self.rows.dtype) @ self.rows  # a GEMV: no scaled (N, P) copy
+        out = self.sampler._views(kept)
+        for layer, a, b in self.deferred:
+            for pname, g in WEIGHTED[type(layer.module)](layer.module, a, b, c).items():
+                out[getattr(layer.module, pname)] = g
+        return out
 
-def _group_norm(module: nn.GroupNorm, a: torch.Tensor, b: torch.Tensor, out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    w = module.weight
-    x_hat = F.group_norm(a.to(w.dtype), module.num_groups, eps=module.eps)
-    b = b.to(w.dtype)
-    dims = tuple(range(2, a.dim()))
-    grads = {}
-    if module.weight is not None:
-        grads["weight"] = (b * x_hat).sum(dim=dims)
-    if module.bias is not None:
-        grads["bias"] = b.sum(dim=dims)
-    return grads
-
-
-def _embedding(module: nn.Embedding, a: torch.Tensor, b: torch.Tensor, out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    w = module.weight
-    n, rows = a.shape[0], w.shape[0]
-    index = a.reshape(n, -1)
-    if module.padding_idx is not None:  # the padding row never receives a gradient
-        keep = index != module.padding_idx
-    else:
-        keep = torch.ones_like(index, dtype=torch.bool)
-    flat = (index + rows * torch.arange(n, device=index.device)[:, None])[keep]
-    values = b.to(w.dtype).reshape(n, -1, w.shape[1])[keep]
-    gw = torch.zeros((n * rows, w.shape[1]), device=w.device, dtype=w.dtype).index_add_(0, flat, values)
-    return {"weight": gw.view(n, rows, w.shape[1])}
-
-
-KERNELS: dict[type[nn.Module], Kernel] = {
-    nn.Conv2d: _conv2d,
-    nn.Linear: _linear,
-    nn.GroupNorm: _group_norm,
-    nn.Embedding: _embedding,
-}
-
-
-def _check_supported(module: nn.Module, name: str) -> None:
-    if type(module) not in KERNELS:
-        raise NotImplementedError(
-            f"per-sample gradients: layer '{name}' ({type(module).__name__}) holds parameters but is not one of "
-            f"{sorted(k.__name__ for k in KERNELS)}; use privacy.grad_sample_mode 'hooks' (Opacus) for this model"
-        )
-    if isinstance(module, nn.Embedding) and (module.max_norm is not None or module.scale_grad_by_freq or module.sparse):
-        raise NotImplementedError(f"per-sample gradients: embedding '{name}' uses max_norm, scale_grad_by_freq or sparse")
-    if isinstance(module, nn.Conv2d) and module.padding_mode != "zeros":
-        raise NotImplementedError(f"per-sample gradients: conv '{name}' uses padding_mode {module.padding_mode!r}")
+    @torch.no_grad()
+    def materialise(self) -> dict[nn.Parameter, torch.Tensor]:
+        """Every parameter's ``(N, *shape)`` per-sample gradients (tests; costs the memory deferral saves)."""
+        out = self.sampler._views(self.rows)
+        for layer, a, b in self.deferred:
+            for pname, g in KERNELS[type(layer.module)](layer.module, a, b, {}).items():
+                out[getattr(layer.module, pname)] = g
+        return out
 
 
 class GradSampler:
-    """Per-sample gradients of ``model``'s trainable parameters, as one ``(N, P)`` matrix.
+    """Per-sample gradients of ``model``'s trainable parameters.
 
     Usage::
 
         sampler = GradSampler(model)
         with sampler.recording():
             losses = per_sample_loss(model, batch)        # (N,)
-        flat = sampler.backward(losses)                   # (N, P), P = trainable parameters
-        grads = sampler.per_param(flat)                   # {param: (N, *param.shape)} views
+        grads = sampler.backward(losses)                  # PerSampleGrads
+        grads.sq_norms(); grads.weighted_sum(c)
 
     Row ``i`` is the gradient of ``losses[i]`` alone: the batch's samples must not interact
     in the forward pass (no BatchNorm), which holds for the layers supported.
 
-    The matrix lives in one buffer kept across steps (grown to the largest batch seen) and is
-    overwritten by the next ``backward``: many per-layer tensors allocated and freed every
-    step fragment the heap, and the process's RSS then creeps up step after step.
+    The kept rows live in one buffer reused across steps (grown to the largest batch seen):
+    many per-layer tensors allocated and freed every step fragment the heap, and the
+    process's RSS then creeps up step after step.
     """
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
-        self.layers: list[tuple[str, nn.Module]] = []
+        self.layers: list[_Layer] = []
         covered: set[int] = set()
         for name, module in model.named_modules():
             params = [p for p in module.parameters(recurse=False) if p.requires_grad]
-            if not params:
-                continue
-            _check_supported(module, name)
-            self.layers.append((name, module))
-            covered.update(id(p) for p in params)
+            if params:
+                check_supported(module, name)
+                self.layers.append(_Layer(name, module, params))
+                covered.update(id(p) for p in params)
         self.params = [p for p in model.parameters() if p.requires_grad]
         missing = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in covered]
         if missing:
             raise NotImplementedError(f"per-sample gradients: parameters outside any layer: {missing[:3]}")
         if len({(p.device, p.dtype) for p in self.params}) > 1:
             raise NotImplementedError("per-sample gradients: trainable parameters on several devices or dtypes")
-        self._offsets: dict[int, tuple[int, int]] = {}
-        offset = 0
-        for p in self.params:
-            self._offsets[id(p)] = (offset, p.numel())
-            offset += p.numel()
-        self.size = offset
+        self._by_module = {id(layer.module): layer for layer in self.layers}
+        self._offsets: dict[int, tuple[int, int]] | None = None  # per kept parameter, once the layout is fixed
         self._buffer: torch.Tensor | None = None
+        self._reset()
+
+    def _reset(self) -> None:
         self._written: set[int] = set()
         self._roots: list[tuple[nn.Module, torch.Tensor, torch.Tensor]] = []
+        self._deferred: list[tuple[_Layer, torch.Tensor, torch.Tensor]] = []
+        self._deferred_sq: torch.Tensor | None = None
+        for layer in self.layers:
+            layer.calls = 0
 
     @contextmanager
     def recording(self) -> Iterator[None]:
-        """Record the layers' inputs during the forward passes run inside the block."""
-        self._written, self._roots = set(), []
-        handles = [module.register_forward_hook(self._on_forward) for _, module in self.layers]
+        """Record the layers' inputs during the forward pass run inside the block."""
+        self._reset()
+        handles = [layer.module.register_forward_hook(self._on_forward) for layer in self.layers]
         try:
             yield
         finally:
@@ -187,6 +138,10 @@ class GradSampler:
     def _on_forward(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
         if not torch.is_grad_enabled():
             return None
+        layer = self._by_module[id(module)]
+        layer.calls += 1
+        if layer.calls == 1 and layer.deferred is None:
+            layer.sizes = (args[0].shape[0], args[0].numel(), output.numel())
         a = args[0].detach()
         if not args[0].requires_grad:
             # Nothing upstream needs a gradient (the first conv, the time and class embeddings): cut the
@@ -207,17 +162,46 @@ class GradSampler:
                                "after the layer ran; its per-sample gradient would be wrong")
         self._accumulate(module, a, b)
 
-    def _slot(self, p: nn.Parameter, n: int) -> torch.Tensor:
-        """Rows ``:n`` of ``p``'s columns in the buffer, shaped ``(n, *p.shape)``."""
+    def _fix_layout(self) -> None:
+        """Decide, once, which layers keep rows in the buffer and which are deferred."""
+        offset, self._offsets = 0, {}
+        for layer in self.layers:
+            batch, a_numel, out_numel = layer.sizes
+            layer.deferred = (type(layer.module) in WEIGHTED and layer.calls == 1 and batch > 0
+                              and defer(layer.module.weight.numel(), batch, a_numel, out_numel))
+            if not layer.deferred:
+                for p in layer.params:
+                    self._offsets[id(p)] = (offset, p.numel())
+                    offset += p.numel()
+        self._kept_size = offset
+
+    def _rows(self, n: int) -> torch.Tensor:
+        if self._offsets is None:
+            self._fix_layout()
+        ref = self.params[0]
         if self._buffer is None or self._buffer.shape[0] < n:
             self._buffer = None  # free the old one first
-            self._buffer = torch.empty((n, self.size), device=p.device, dtype=p.dtype)
-        offset, size = self._offsets[id(p)]
-        return self._buffer[:n, offset:offset + size].view(n, *p.shape)
+            self._buffer = torch.empty((n, self._kept_size), device=ref.device, dtype=ref.dtype)
+        return self._buffer[:n]
+
+    def _slot(self, p: nn.Parameter, n: int) -> torch.Tensor:
+        rows = self._rows(n)
+        offset, size = self._offsets[id(p)]  # type: ignore[index]
+        return rows[:, offset:offset + size].view(n, *p.shape)
 
     @torch.no_grad()  # the root layers' kernels run after autograd.grad returned: keep them off any graph
     def _accumulate(self, module: nn.Module, a: torch.Tensor, b: torch.Tensor) -> None:
-        n = a.shape[0]
+        n, layer = a.shape[0], self._by_module[id(module)]
+        self._rows(n)  # fixes the layout at the first backward
+        if layer.deferred:
+            if layer.calls != 1:
+                raise RuntimeError(f"per-sample gradients: layer '{layer.name}' ran {layer.calls} times in one forward "
+                                   "pass; it was laid out for one")
+            sq = sum(torch.linalg.vector_norm(g.reshape(n, -1), dim=1).square()
+                     for g in KERNELS[type(module)](module, a, b, {}).values())
+            self._deferred_sq = sq if self._deferred_sq is None else self._deferred_sq + sq
+            self._deferred.append((layer, a, b))
+            return
         free = {name: self._slot(p, n) for name, p in module.named_parameters(recurse=False)
                 if p.requires_grad and id(p) not in self._written}
         for pname, g in KERNELS[type(module)](module, a, b, free).items():
@@ -231,11 +215,8 @@ class GradSampler:
                 free[pname].copy_(g)
             self._written.add(id(p))
 
-    def backward(self, losses: torch.Tensor) -> torch.Tensor:
-        """Per-sample gradients of ``losses`` (shape ``(N,)``, one loss per sample) as an ``(N, P)`` matrix.
-
-        The matrix is valid until the next call.
-        """
+    def backward(self, losses: torch.Tensor) -> PerSampleGrads:
+        """Per-sample gradients of ``losses`` (shape ``(N,)``, one loss per sample)."""
         if losses.dim() != 1:
             raise ValueError(f"expected one loss per sample, shape (N,), got {tuple(losses.shape)}")
         roots = self._roots
@@ -246,17 +227,21 @@ class GradSampler:
         for (module, a, leaf), b in zip(roots, root_grads):
             self._accumulate(module, a, b if b is not None else torch.zeros_like(leaf))
         n = losses.shape[0]
-        for p in self.params:  # a parameter the loss does not reach has a zero gradient
-            if id(p) not in self._written:
-                self._slot(p, n).zero_()
-        self._written, self._roots = set(), []
-        return self._buffer[:n]
+        rows = self._rows(n)
+        for layer in self.layers:  # a parameter the loss does not reach has a zero gradient
+            for p in layer.params:
+                if not layer.deferred and id(p) not in self._written:
+                    self._slot(p, n).zero_()
+        grads = PerSampleGrads(self, rows, self._deferred, self._deferred_sq)
+        self._reset()
+        return grads
 
-    def per_param(self, flat: torch.Tensor) -> dict[nn.Parameter, torch.Tensor]:
-        """Views of an ``(N, P)`` matrix or a ``(P,)`` vector, ``(N, *shape)`` or ``shape`` per parameter."""
-        lead = tuple(flat.shape[:-1])
+    def _views(self, kept: torch.Tensor) -> dict[nn.Parameter, torch.Tensor]:
+        """Per-parameter views of buffer-shaped ``(N, P_kept)`` rows or a ``(P_kept,)`` vector."""
+        lead = tuple(kept.shape[:-1])
         out = {}
         for p in self.params:
-            offset, size = self._offsets[id(p)]
-            out[p] = flat[..., offset:offset + size].reshape(*lead, *p.shape)
+            if id(p) in self._offsets:  # type: ignore[operator]
+                offset, size = self._offsets[id(p)]  # type: ignore[index]
+                out[p] = kept[..., offset:offset + size].reshape(*lead, *p.shape)
         return out

@@ -13,7 +13,7 @@ from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer
 
 from client.dp_sgd import DPSGDStep, PlainStep
-from client import grad_sample
+from client import grad_kernels, grad_sample
 from client.grad_sample import GradSampler
 from client.privacy import expected_batch_size, make_private, poisson_loader
 from client.site_data import SiteSlices
@@ -69,7 +69,9 @@ def _rel_error(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> f
     return num / den
 
 
-def test_clipped_sum_matches_a_per_example_loop() -> None:
+@pytest.mark.parametrize("deferred", [False, True], ids=["kept-rows", "deferred-layers"])
+def test_clipped_sum_matches_a_per_example_loop(deferred: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(grad_sample, "defer", lambda *sizes: deferred)
     model, batch = _model(), _batch()
     _, norms = _per_example_reference(model, batch, max_grad_norm=1e9)
     clip = float(np.median(norms))  # half the examples are clipped, half are not
@@ -83,15 +85,18 @@ def test_clipped_sum_matches_a_per_example_loop() -> None:
     assert all(_rel_error({k: got[k]}, {k: reference[k]}) < 1e-4 for k in reference if reference[k].norm() > 0)
 
 
-@pytest.mark.parametrize("grouped", [False, True], ids=["per-sample-calls", "grouped-call"])
+@pytest.mark.parametrize(("grouped", "deferred"), [(False, False), (True, False), (False, True)],
+                         ids=["per-sample-calls", "grouped-call", "deferred"])
 def test_per_sample_gradients_are_exact_and_autograd_skips_the_summed_gradient(
-        grouped: bool, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(grad_sample, "_use_grouped", lambda module, b: grouped)  # both conv kernels
+        grouped: bool, deferred: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(grad_kernels, "_use_grouped", lambda module, b: grouped)  # both conv kernels
+    monkeypatch.setattr(grad_sample, "defer", lambda *sizes: deferred)  # kept rows, or input + output gradients
     model, batch = _model(), _batch(n=4)
     sampler = GradSampler(model)
     with sampler.recording():
         losses = _losses(model, batch)
-    grads = sampler.per_param(sampler.backward(losses))
+    per_sample = sampler.backward(losses)
+    grads = per_sample.materialise()
     assert all(p.grad is None for p in model.parameters())  # no weight-gradient kernel ran for .grad
     assert set(grads) == set(model.parameters())
     for i in range(4):
