@@ -22,6 +22,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from server.local_federation import processes_with_env  # noqa: E402
 
 
 def timed(fn: Callable[[], object]) -> tuple[float, float]:
@@ -129,12 +132,15 @@ class TreeMemorySampler:
     """Samples the summed RSS, PSS and CPU time of this process and all its descendants every ``period_s``.
 
     The sum of RSS counts shared libraries once per process (an over-estimate); PSS is the
-    fair share. Processes that leave the tree by re-parenting are missed. ``cpu_at(t)`` is
-    the tree's CPU seconds at wall-clock time ``t`` (``time.time()``), interpolated.
+    fair share. Ray starts its workers from daemons that can leave the tree by re-parenting:
+    ``flwr_home`` adds every process whose environment holds ``FLWR_HOME=<flwr_home>`` (all of a
+    run's processes inherit it). ``cpu_at(t)`` is the CPU seconds at wall-clock time ``t``
+    (``time.time()``), interpolated.
     """
 
-    def __init__(self, period_s: float = 0.5, cpu_subtree: str = "flower-superlink") -> None:
+    def __init__(self, period_s: float = 0.5, cpu_subtree: str = "flower-superlink", flwr_home: Path | None = None) -> None:
         self.period_s = period_s
+        self.flwr_home = flwr_home
         # CPU is summed under the process whose command line holds ``cpu_subtree`` only: the short
         # ``flwr list`` calls that follow a run would come and go between samples.
         self.cpu_subtree = cpu_subtree
@@ -160,8 +166,11 @@ class TreeMemorySampler:
                 for child in tree.get(stack.pop(), []):
                     pids.append(child)
                     stack.append(child)
+            run = processes_with_env("FLWR_HOME", str(self.flwr_home)) if self.flwr_home else []
+            pids = sorted(set(pids) | set(run))
             totals = [_memory_kb(pid) for pid in pids]
-            self.cpu_timeline.append((time.time(), sum(_cpu_s(pid) for pid in self._subtree(tree, pids))))
+            cpu_pids = set(self._subtree(tree, pids)) | set(run)
+            self.cpu_timeline.append((time.time(), sum(_cpu_s(pid) for pid in cpu_pids)))
             self.peak_rss_mb = max(self.peak_rss_mb, sum(r for r, _ in totals) / 1024)
             self.peak_pss_mb = max(self.peak_pss_mb, sum(p for _, p in totals) / 1024)
             self.peak_processes = max(self.peak_processes, len(pids))

@@ -50,16 +50,13 @@ def round_times(fed: Federation) -> dict:
             "rounds": len(train)}
 
 
-def in_process_round(fed: Federation, workdir: Path, with_evaluate: bool, cpu: bool = False) -> list[float]:
-    """Seconds of each site's work (train_round [+ validation_loss]) from the initial weights, 1 thread.
-
-    Wall seconds, or CPU seconds of this process with ``cpu``.
-    """
+def in_process_round(fed: Federation, workdir: Path) -> dict[str, list[float]]:
+    """Each site's round of work in this process, 1 thread, from the initial weights: per site the
+    wall and CPU seconds of ``train_round`` and of ``validation_loss`` (the evaluate phase)."""
     torch.set_num_threads(1)
     torch.manual_seed(fed.cfg.training.seed)
     weights = trainable_state(build_unet(fed.cfg.model))
-    clock = time.process_time if cpu else time.perf_counter
-    seconds = []
+    out: dict[str, list[float]] = {"train_s": [], "train_cpu_s": [], "eval_s": [], "eval_cpu_s": []}
     for path in fed.site_paths:
         site = fresh_site_copy(path, workdir / f"inproc-{time.monotonic_ns()}")
         slices = load_site_slices(site.data_dir, fed.cfg.model.classes, fed.cfg.data)  # a site caches them across rounds
@@ -67,12 +64,15 @@ def in_process_round(fed: Federation, workdir: Path, with_evaluate: bool, cpu: b
         # composes two histories (spent, spent + planned) instead of one.
         train_patients = len(split_patients(slices, fed.cfg.training.val_fraction)[0])
         PrivacyLedger.open(site.state_dir, fed.cfg.privacy.accountant).reserve(plan_steps(fed.cfg, train_patients))
-        start = clock()
+        wall, cpu = time.perf_counter(), time.process_time()
         result = train_round(fed.cfg, site, slices, weights, server_round=2)
-        if with_evaluate:
-            validation_loss(fed.cfg, slices, result.arrays)
-        seconds.append(clock() - start)
-    return seconds
+        out["train_s"].append(time.perf_counter() - wall)
+        out["train_cpu_s"].append(time.process_time() - cpu)
+        wall, cpu = time.perf_counter(), time.process_time()
+        validation_loss(fed.cfg, slices, result.arrays)
+        out["eval_s"].append(time.perf_counter() - wall)
+        out["eval_cpu_s"].append(time.process_time() - cpu)
+    return out
 
 
 def simulate(fed: Federation, workdir: Path, cpus_per_site: int, timeout_s: float = 900.0,
@@ -95,21 +95,24 @@ def simulation_overhead(root: Path, rounds: int, local_steps: int, parallel_too:
     fed = make_federation(root / "seq", 3, model=TINY_32, image_size=32, training=training,
                           federation={"num_rounds": rounds}, patients_per_class=16)
     baseline = root / "baseline"
-    before = [sum(in_process_round(fed, baseline, with_evaluate=w)) for w in (False, True)]
-    before_cpu = sum(in_process_round(fed, baseline, with_evaluate=False, cpu=True))
-    tree = TreeMemorySampler(period_s=0.25)
+    before = in_process_round(fed, baseline)
+    tree = TreeMemorySampler(period_s=0.25, flwr_home=root / "seq" / "work" / "flower" / "flwr-home")
     wall = simulate(fed, root / "seq" / "work", cpus_per_site=2, sampler=tree)
-    after = [sum(in_process_round(fed, baseline, with_evaluate=w)) for w in (False, True)]
-    after_cpu = sum(in_process_round(fed, baseline, with_evaluate=False, cpu=True))
+    after = in_process_round(fed, baseline)  # before and after: follows the machine's load over the run
     times = round_times(fed)
-    train_only, with_eval = (before[0] + after[0]) / 2, (before[1] + after[1]) / 2
+
+    def mean_sum(key: str) -> float:
+        return (sum(before[key]) + sum(after[key])) / 2
+
+    train_only = mean_sum("train_s")
+    with_eval = train_only + mean_sum("eval_s")
+    baseline_cpu = mean_sum("train_cpu_s")
     per_round = statistics.median(times["round_seconds"])
     per_round_wall = statistics.median(times["round_wall_s"])
     # CPU seconds of the whole process tree (SuperLink, ServerApp, Ray, the sites) per train phase:
     # unlike wall time, not inflated when other people's jobs take the cores.
     ends = [r["time"] for r in _rows(fed) if r.get("phase") == "train" and r.get("kind") == "aggregate" and r["round"] > 1]
     tree_cpu = [tree.cpu_at(end) - tree.cpu_at(end - secs) for end, secs in zip(sorted(ends), times["round_seconds"])]
-    baseline_cpu = (before_cpu + after_cpu) / 2
     out = {
         "sites": 3, "rounds": rounds, "local_steps": local_steps, "params": count_parameters(build_unet(fed.cfg.model)),
         "in_process_train_s": train_only, "in_process_train_eval_s": with_eval,
@@ -120,7 +123,7 @@ def simulation_overhead(root: Path, rounds: int, local_steps: int, parallel_too:
         "overhead_ratio_with_evaluate": per_round_wall / with_eval,
         "in_process_train_cpu_s": baseline_cpu, "sim_round_tree_cpu_s": tree_cpu,
         "overhead_ratio_cpu": statistics.median(tree_cpu) / baseline_cpu if tree_cpu else float("nan"),
-        "in_process_train_s_before_after": [before[0], after[0]],
+        "in_process_train_s_before_after": [sum(before["train_s"]), sum(after["train_s"])],
         "state_dirs": [str(path.parent / "state") for path in fed.site_paths],
     }
     if parallel_too:
@@ -162,7 +165,8 @@ def deployment_overhead(root: Path, rounds: int, model: dict, timeout_s: float =
         raise RuntimeError(f"deployment run ended as {status} after {completed_rounds(fed.cfg.federation.metrics_file)} rounds")
     wall = time.perf_counter() - start
     times = round_times(fed)
-    site_compute = max(statistics.median(x) for x in zip(*[in_process_round(fed, root / "baseline", True) for _ in range(3)]))
+    work = in_process_round(fed, root / "baseline")
+    site_compute = max(t + e for t, e in zip(work["train_s"], work["eval_s"]))
     per_round = statistics.median(times["round_wall_s"])
     return {"sites": 2, "rounds": rounds, "params": count_parameters(build_unet(fed.cfg.model)),
             "round_wall_s": times["round_wall_s"], "round_seconds": times["round_seconds"],
@@ -203,10 +207,11 @@ def clientapp_import_seconds() -> dict:
 
 
 def run(quick: bool, workdir: Path) -> dict:
-    sim = simulation_overhead(workdir / "simulation", rounds=4 if quick else 6, local_steps=10, parallel_too=not quick)
+    sim = simulation_overhead(workdir / "simulation", rounds=3 if quick else 6, local_steps=10, parallel_too=not quick)
     if not quick:  # the overhead is per message: more local work per round dilutes it
         sim["longer_rounds"] = simulation_overhead(workdir / "simulation-40", rounds=4, local_steps=40, parallel_too=False)
         sim["longer_rounds"].pop("state_dirs")
     deploy = deployment_overhead(workdir / "deployment", rounds=2 if quick else 4, model=SMALL if quick else PARAMS_10M)
     return {"simulation": sim, "deployment": deploy, "federation_overhead_ratio": sim["overhead_ratio"],
+            "federation_overhead_ratio_cpu": sim["overhead_ratio_cpu"],
             "deployment_beyond_training_s": deploy["beyond_training_s"]}

@@ -62,7 +62,7 @@ def measure(channels: tuple[int, ...], size: int, batch: int, repeats: int) -> d
 
 
 def run(quick: bool) -> dict:
-    rows = [measure((16, 32, 32), 32, 8 if quick else 16, repeats=2 if quick else 3)]
+    rows = [measure((16, 32, 32), 32, 8 if quick else 16, repeats=1 if quick else 3)]
     if not quick:
         start = time.perf_counter()
         rows.append(measure((32, 64, 64), 64, 8, repeats=2))

@@ -21,7 +21,7 @@ def measure(root: Path, sites: int, rounds: int) -> dict:
     fed = make_federation(root, sites, training={"local_steps": 3, "batch_size": 4},
                           federation={"num_rounds": rounds}, patients_per_class=6)
     start = time.perf_counter()
-    with TreeMemorySampler() as memory:
+    with TreeMemorySampler(flwr_home=root / "work" / "flower" / "flwr-home") as memory:
         result = run_simulation(fed.cfg, fed.config_path, fed.site_paths, root / "work", timeout_s=1800, progress=False)
     wall = time.perf_counter() - start
     times = round_times(fed)

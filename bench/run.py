@@ -28,6 +28,9 @@ from bench.perf_common import machine_info  # noqa: E402
 
 SECTIONS = ("dp", "federation", "sampling", "transfer", "gpu", "scale")
 HEADLINES = {"dp_time_ratio": ("dp", "dp_time_ratio"), "dp_memory_ratio": ("dp", "dp_memory_ratio"),
+             "dp_time_ratio_wall": ("dp", "dp_time_ratio_wall"), "dp_memory_increase_ratio": ("dp", "dp_memory_increase_ratio"),
+             "opacus_time_ratio": ("dp", "opacus_time_ratio"), "opacus_memory_ratio": ("dp", "opacus_memory_ratio"),
+             "federation_overhead_ratio_cpu": ("federation", "federation_overhead_ratio_cpu"),
              "federation_overhead_ratio": ("federation", "federation_overhead_ratio"),
              "ddim_speedup": ("sampling", "ddim_speedup"), "bytes_ratio": ("transfer", "bytes_ratio"),
              "bytes_ratio_float16": ("transfer", "bytes_ratio_float16"),

@@ -118,8 +118,8 @@ def test_two_sites_two_rounds_then_resume(tmp_path: Path) -> None:
     failures = [r for r in _metrics(cfg3) if r["kind"] == "failure" and r["round"] == 3 and r["phase"] == "train"]
     reasons = sorted(r["reason"] for r in failures)
     assert len(reasons) == 2
-    assert "over the site's budget" in reasons[0]
-    assert "site policy refuses the task: app code" in reasons[1]
+    assert any("over the site's budget" in r for r in reasons)
+    assert any("site policy refuses the task: app code" in r for r in reasons)
     assert all(str(tmp_path) not in r for r in reasons)
     assert not Path(tmp_path / "sites" / "site-c" / "state" / "privacy_ledger.json").exists()
     refused = [r for r in read_audit(tmp_path / "sites" / "site-c" / "state") if r["message_type"] == "train"]
