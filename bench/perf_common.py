@@ -129,7 +129,7 @@ def _cpu_s(pid: int) -> float:
 
 
 class TreeMemorySampler:
-    """Samples the summed RSS, PSS and CPU time of this process and all its descendants every ``period_s``.
+    """Samples the summed RSS, PSS and CPU time of this process's descendants every ``period_s``.
 
     The sum of RSS counts shared libraries once per process (an over-estimate); PSS is the
     fair share. Ray starts its workers from daemons that can leave the tree by re-parenting:
@@ -167,7 +167,8 @@ class TreeMemorySampler:
                     pids.append(child)
                     stack.append(child)
             run = processes_with_env("FLWR_HOME", str(self.flwr_home)) if self.flwr_home else []
-            pids = sorted(set(pids) | set(run))
+            # Not this process: it only drives the run, and holds whatever earlier benchmarks left.
+            pids = sorted((set(pids) | set(run)) - {root})
             totals = [_memory_kb(pid) for pid in pids]
             cpu_pids = set(self._subtree(tree, pids)) | set(run)
             self.cpu_timeline.append((time.time(), sum(_cpu_s(pid) for pid in cpu_pids)))
