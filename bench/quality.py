@@ -16,29 +16,34 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import multiprocessing
 import os
 import platform
+import queue
 import subprocess
 import sys
 import time
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from pathlib import Path
 
 import numpy as np
 import torch
+from rich.console import Console
+from rich.progress import Progress, TimeElapsedColumn
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA_ROOT = ROOT.parent / "shared" / "data"
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]  # runs from a clone without `pip install -e .` too
 
-from quality_data import load_slices, sample_set  # noqa: E402
+from quality_data import load_slices  # noqa: E402
+from quality_jobs import BenchmarkInputs, init_worker, score_sweep_point, train_and_score  # noqa: E402
 from quality_split import describe, site_slices, split_hospitals  # noqa: E402
-from quality_table import markdown_table, print_table, summarise  # noqa: E402
-from quality_train import ModelPreset, federation_config, train_central, train_federated  # noqa: E402
+from quality_table import markdown_table, print_table  # noqa: E402
+from quality_train import ModelPreset  # noqa: E402
 from client.site_data import SiteSlices  # noqa: E402
-from server.evaluation.classifier import ClassifierSettings  # noqa: E402
-from server.evaluation.evaluate import EvaluationSettings, evaluate_sets, write_report  # noqa: E402
+from server.evaluation.classifier import ClassifierSettings, load_or_train  # noqa: E402
+from server.evaluation.evaluate import EvaluationSettings  # noqa: E402
 from server.evaluation.image_sets import ImageSet  # noqa: E402
-from common.checkpoint import Checkpoint, save_checkpoint  # noqa: E402
 from common.fileio import write_bytes_atomic, write_json_atomic  # noqa: E402
 
 PRESETS = {
@@ -71,14 +76,6 @@ def image_set(slices: SiteSlices, index: np.ndarray, source: str) -> ImageSet:
     return ImageSet(slices.images[index], slices.labels[index], slices.classes, [slices.patients[i] for i in index], source)
 
 
-def evaluate_model(name: str, synthetic: ImageSet, real_test: ImageSet, real_train: ImageSet, settings: EvaluationSettings,
-                   out: Path, full_report: bool) -> dict:
-    report, figures = evaluate_sets(synthetic, real_test, real_train, settings, out / "classifier-cache", progress=True)
-    if full_report:
-        write_report(out / name, report, figures)
-    return report
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
@@ -87,6 +84,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, help="override the preset (a reduced run); say so when reporting")
     p.add_argument("--local-steps", type=int, help="override the preset (a reduced run)")
     p.add_argument("--samples", type=int, help="override the number of images sampled per model")
+    p.add_argument("--sweep-samples", type=int, help="override the number of images per sweep point")
     p.add_argument("--steps", type=int, default=50, help="DDIM steps for the main comparison")
     p.add_argument("--guidance", type=float, default=1.0, help="guidance for the main comparison")
     p.add_argument("--epsilon", type=float, default=8.0, help="per-site DP budget of run (c)")
@@ -95,9 +93,58 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--sweep-model", choices=RUNS, default="federated_dp")
     p.add_argument("--no-sweep", action="store_true")
     # 1 by default: on a shared 2-core machine 2 threads measured 3-4x SLOWER per step than 1
-    p.add_argument("--threads", type=int, default=1, help="torch threads")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per worker")
+    p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
+                   help="jobs (a model's training, or a sweep point) run side by side; results do not depend on it")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
+
+
+def run_jobs(inputs: BenchmarkInputs, args: argparse.Namespace, samples: int, sweep_samples: int, result: dict) -> None:
+    """Train, sample and score every model, then the sweep points, ``args.workers`` jobs at a time.
+
+    ``quality.json`` is rewritten after every job, so partial results survive a crash.
+    """
+    order = [name for name in ("federated_dp", "central", "federated") if name in args.runs]  # longest first
+    points = [] if args.no_sweep else [(g, s) for g in GUIDANCE_SWEEP for s in STEPS_SWEEP]
+    if points:
+        result["sweep"] = {"model": args.sweep_model, "samples": sweep_samples, "rows": []}
+    context = multiprocessing.get_context("spawn")  # fork would copy the parent's torch threads and state
+    with context.Manager() as manager, Progress(*Progress.get_default_columns(), TimeElapsedColumn()) as progress:
+        messages = manager.Queue()
+        pool = ProcessPoolExecutor(args.workers, mp_context=context, initializer=init_worker, initargs=(inputs, messages))
+        bar = progress.add_task(f"quality benchmark ({args.workers} workers)", total=len(order) + len(points))
+        pending: dict[Future, tuple[str, object]] = {
+            pool.submit(train_and_score, name, samples, args.steps, args.guidance): ("run", name) for name in order}
+        rows: dict[tuple[float, int], dict] = {}
+        try:
+            while pending:
+                done, _ = wait(pending, timeout=1.0, return_when=FIRST_COMPLETED)
+                _print_messages(messages, progress.console)
+                for future in done:
+                    kind, key = pending.pop(future)
+                    if kind == "run":
+                        result["runs"][key], arrays = future.result()
+                        if points and key == args.sweep_model:
+                            pending.update({pool.submit(score_sweep_point, arrays, sweep_samples, s, g): ("sweep", (g, s))
+                                            for g, s in points})
+                    else:
+                        rows[key] = future.result()
+                        result["sweep"]["rows"] = [rows[p] for p in points if p in rows]
+                    result["runs"] = {name: result["runs"][name] for name in RUNS if name in result["runs"]}
+                    write_json_atomic(args.out / "quality.json", result)
+                    progress.advance(bar)
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+            _print_messages(messages, progress.console)
+
+
+def _print_messages(messages: queue.Queue, console: Console) -> None:
+    while True:
+        try:
+            console.print(messages.get_nowait(), markup=False, highlight=False)
+        except queue.Empty:
+            return
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -108,57 +155,39 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_sweep and args.sweep_model not in args.runs:
         print(f"quality benchmark: --sweep-model {args.sweep_model} is not among --runs {args.runs}", file=sys.stderr)
         return 2
+    if args.workers < 1 or args.threads < 1:
+        print("quality benchmark: --workers and --threads must be at least 1", file=sys.stderr)
+        return 2
     torch.set_num_threads(args.threads)
     preset = PRESETS[args.preset]
     model: ModelPreset = dataclasses.replace(preset["model"], **{k: v for k, v in (("rounds", args.rounds),
                                                                                     ("local_steps", args.local_steps)) if v})
     samples = args.samples or preset["samples"]
-    reduced = model != preset["model"] or samples != preset["samples"] or set(args.runs) != set(RUNS)
+    sweep_samples = args.sweep_samples or preset["sweep_samples"]
+    reduced = (model != preset["model"] or samples != preset["samples"] or sweep_samples != preset["sweep_samples"]
+               or set(args.runs) != set(RUNS))
     run_dir = args.out / time.strftime("run-%Y%m%d-%H%M%S")  # fresh privacy ledgers every time
     started = time.time()
     result: dict = {"preset": args.preset, "reduced": reduced, "model": dataclasses.asdict(model), "samples": samples,
-                    "sampling": {"steps": args.steps, "guidance": args.guidance}, "machine": machine(), "runs": {}}
+                    "sampling": {"steps": args.steps, "guidance": args.guidance},
+                    "machine": {**machine(), "workers": args.workers}, "runs": {}}
 
     slices = load_slices(args.data, model.image_size, args.out / "cache")
     split = split_hospitals(slices, args.data, seed=args.seed)
     result["split"] = describe(split, slices)
     result["split"]["near_duplicate_images"] = split.near_duplicate_images
-    sites = {h: site_slices(slices, idx, split.groups) for h, idx in split.hospitals.items()}
     train_index = np.concatenate(list(split.hospitals.values()))
-    real_test = image_set(slices, split.validation, "validation split")
-    real_train = image_set(slices, train_index, "all hospitals")
     eval_settings = EvaluationSettings(classifier=ClassifierSettings(steps=preset["classifier_steps"], seed=args.seed),
                                        seed=args.seed)
-
-    trained = {
-        "central": lambda: train_central(model, site_slices(slices, train_index, split.groups), len(sites), run_dir / "central"),
-        "federated": lambda: train_federated(model, sites, run_dir / "federated", False, args.epsilon, args.delta),
-        "federated_dp": lambda: train_federated(model, sites, run_dir / "federated_dp", True, args.epsilon, args.delta,
-                                                label="federated+DP"),
-    }
-    outcomes = {}
-    for name in args.runs:
-        outcome = outcomes[name] = trained[name]()
-        save_checkpoint(run_dir / name / "model.pt", Checkpoint(federation_config(model, slices.classes, run_dir / name, 1, False),
-                                                               outcome.arrays, model.rounds))
-        synthetic, sample_s = sample_set(model, slices.classes, outcome.arrays, samples, args.steps, args.guidance, args.seed)
-        report = evaluate_model(name, synthetic, real_test, real_train, eval_settings, run_dir, full_report=True)
-        result["runs"][name] = {"train_seconds": round(outcome.seconds, 1), "sample_seconds": round(sample_s, 1),
-                                "optimiser_steps": outcome.steps, "epsilon": outcome.epsilon,
-                                "noise_multiplier": outcome.noise_multiplier, "loss_per_round": outcome.losses,
-                                "summary": summarise(report), "report": report}
-        write_json_atomic(args.out / "quality.json", result)  # partial results survive a crash
-    if not args.no_sweep:
-        chosen = outcomes[args.sweep_model]
-        result["sweep"] = {"model": args.sweep_model, "samples": preset["sweep_samples"], "rows": []}
-        for guidance in GUIDANCE_SWEEP:
-            for steps in STEPS_SWEEP:
-                synthetic, sample_s = sample_set(model, slices.classes, chosen.arrays, preset["sweep_samples"], steps,
-                                                 guidance, args.seed)
-                report = evaluate_model("sweep", synthetic, real_test, real_train, eval_settings, run_dir, full_report=False)
-                result["sweep"]["rows"].append({"guidance": guidance, "steps": steps, "sample_seconds": round(sample_s, 1),
-                                                "summary": summarise(report)})
-                write_json_atomic(args.out / "quality.json", result)
+    inputs = BenchmarkInputs(
+        model=model, sites={h: site_slices(slices, idx, split.groups) for h, idx in split.hospitals.items()},
+        central=site_slices(slices, train_index, split.groups), real_test=image_set(slices, split.validation, "validation split"),
+        real_train=image_set(slices, train_index, "all hospitals"), evaluation=eval_settings, run_dir=run_dir,
+        epsilon=args.epsilon, delta=args.delta, seed=args.seed, threads=args.threads)
+    # The feature network is the same for every job: trained once here, not once per worker.
+    load_or_train(inputs.real_train.images, inputs.real_train.labels, slices.classes, eval_settings.classifier,
+                  run_dir / "classifier-cache", progress=True, desc="feature network")
+    run_jobs(inputs, args, samples, sweep_samples, result)
     result["total_seconds"] = round(time.time() - started, 1)
     write_json_atomic(args.out / "quality.json", result)
     write_bytes_atomic(args.out / "quality.md", markdown_table(result).encode("utf-8"))

@@ -52,13 +52,14 @@ def load_slices(root: Path, size: int, cache_dir: Path) -> SiteSlices:
 
 
 def sample_set(p: ModelPreset, classes: tuple[str, ...], arrays: dict[str, np.ndarray], num: int, steps: int,
-               guidance: float, seed: int) -> tuple[ImageSet, float]:
+               guidance: float, seed: int, progress: bool = True) -> tuple[ImageSet, float]:
     """``num`` images, classes round-robin, image ``i`` from seed ``seed + i``; and the sampling seconds."""
     cfg = federation_config(p, classes, Path("."), 1, dp=False)
     model = build_sampling_model(cfg, arrays, pick_device())
     labels = plan_labels(classes, (), num)
     started = time.time()
-    images = sample_images(cfg, model, labels, [seed + i for i in range(num)], steps, guidance, batch_size=50)
+    images = sample_images(cfg, model, labels, [seed + i for i in range(num)], steps, guidance, batch_size=50,
+                           progress=progress)
     seconds = time.time() - started
     normalised = np.stack([normalise_intensity(im) for im in images])[:, None].astype(np.float32)
     return ImageSet(normalised, np.asarray(labels, dtype=np.int64), classes, [f"sample-{i:04d}" for i in range(num)],

@@ -12,18 +12,21 @@ settings (a chunk centrally, a round federated).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
-
 from client.privacy import compute_epsilon, poisson_sample_rate
 from client.site_data import SiteSlices
 from client.training import train_round
 from common.config import FedsynthConfig, PrivacyBudget, SiteConfig, config_from_dict
 from common.model import build_unet, trainable_state
+
+
+# Called after each round (or central chunk) with its number and mean training loss.
+RoundReporter = Callable[[int, float], None]
 
 
 @dataclass(frozen=True)
@@ -103,12 +106,12 @@ def fedavg(results: list[tuple[dict[str, np.ndarray], int]]) -> dict[str, np.nda
 
 
 def train_federated(p: ModelPreset, sites: dict[str, SiteSlices], state_root: Path, dp: bool, target_epsilon: float,
-                    delta: float, progress: bool = True, label: str = "federated") -> TrainOutcome:
+                    delta: float, label: str = "federated", on_round: RoundReporter | None = None) -> TrainOutcome:
     sigma = noise_for_sites(sites, p, target_epsilon, delta) if dp else None
     cfg = federation_config(p, next(iter(sites.values())).classes, state_root, p.local_steps, dp, sigma or 1.0)
     arrays, started, losses = _initial(cfg), time.time(), []
     epsilon: dict[str, float | None] = {}
-    for rnd in tqdm(range(1, p.rounds + 1), desc=label, unit="round", disable=not progress):
+    for rnd in range(1, p.rounds + 1):
         results, round_loss = [], []
         for name, slices in sites.items():
             res = train_round(cfg, site_config(state_root, name, target_epsilon, delta, dp), slices, arrays, run_id=label,
@@ -118,16 +121,21 @@ def train_federated(p: ModelPreset, sites: dict[str, SiteSlices], state_root: Pa
             epsilon[name] = res.epsilon if np.isfinite(res.epsilon) else None
         arrays = fedavg(results)
         losses.append(sum(l * n for l, n in round_loss) / sum(n for _, n in round_loss))
+        if on_round is not None:
+            on_round(rnd, losses[-1])
     return TrainOutcome(arrays, time.time() - started, p.rounds * p.local_steps * len(sites), epsilon, sigma, losses)
 
 
-def train_central(p: ModelPreset, slices: SiteSlices, num_sites: int, state_root: Path, progress: bool = True) -> TrainOutcome:
+def train_central(p: ModelPreset, slices: SiteSlices, num_sites: int, state_root: Path,
+                  on_round: RoundReporter | None = None) -> TrainOutcome:
     """No DP, all data in one place; ``rounds`` chunks of ``local_steps * num_sites`` steps."""
     cfg = federation_config(p, slices.classes, state_root, p.local_steps * num_sites, dp=False)
     site = site_config(state_root, "central", 8.0, 1e-5, dp=False)
     arrays, started, losses = _initial(cfg), time.time(), []
-    for chunk in tqdm(range(1, p.rounds + 1), desc="central", unit="chunk", disable=not progress):
+    for chunk in range(1, p.rounds + 1):
         res = train_round(cfg, site, slices, arrays, run_id="central", server_round=chunk)
         arrays = res.arrays
         losses.append(res.loss)
+        if on_round is not None:
+            on_round(chunk, res.loss)
     return TrainOutcome(arrays, time.time() - started, p.rounds * p.local_steps * num_sites, {"central": None}, None, losses)

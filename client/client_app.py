@@ -7,7 +7,9 @@ one site file per simulated partition.
 
 A reply carries the trainable weights, numeric metrics and the site's public name;
 errors reach the server as a category and a reason with no local path in it. Every task
-is written to the site's audit log, whatever its outcome.
+is written to the site's audit log, whatever its outcome. Before any data is read, every
+task must come from app code the site's policy approves, and a memorisation-audit query
+must pass the policy's audit limits (``client/audit_policy.py``).
 """
 
 from __future__ import annotations
@@ -22,10 +24,11 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, 
 from flwr.clientapp import ClientApp
 
 from client.audit_log import TaskRecord, append_task_record
-from client.policy import SitePolicy, load_site_policy, running_app_hash
+from client.audit_policy import enforce_audit_policy, is_query
+from client.policy import SitePolicy, check_app, load_site_policy, running_app_hash
 from client.site_data import SiteSlices, load_site_slices_cached, require_readable
 from client.training import TrainResult, train_round, validation_loss
-from client.memorisation_audit import audit_request
+from client.memorisation_audit import audit_request, unpack_request
 from common import audit_protocol, keys
 from common.config import FedsynthConfig, SiteConfig, config_from_dict, load_site_config
 from common.errors import ConfigError, FedsynthError, PolicyError, PrivacyBudgetError, SiteDataError
@@ -92,10 +95,22 @@ def _prepare(msg: Message, site: SiteConfig, record: TaskRecord) -> SiteTask:
         raise ConfigError(f"message has no '{keys.FEDERATION_CONFIG}' entry", public="message has no federation config")
     cfg = config_from_dict(FedsynthConfig, json.loads(str(raw)), "federation config sent by the server")
     policy = load_site_policy(site.policy_file) if site.policy_file else None
+    arrays = {name: array.numpy() for name, array in msg.content[keys.ARRAYS].items()}
+    _check_policy(msg, policy, site, arrays, record)
     slices = load_site_slices_cached(site.data_dir, cfg.model.classes, cfg.data, site.labels_csv or None)
     require_readable(slices, site.data_dir, site.skip_bad_files)
-    arrays = {name: array.numpy() for name, array in msg.content[keys.ARRAYS].items()}
     return SiteTask(cfg, site, policy, slices, arrays, record)
+
+
+def _check_policy(msg: Message, policy: SitePolicy | None, site: SiteConfig, arrays: dict, record: TaskRecord) -> None:
+    """The policy checks every task type passes before the site's data is read.
+
+    Train tasks are checked again, in full, by ``train_round`` (it also needs the patient count).
+    """
+    check_app(policy, record.app_hash)
+    if is_query(record.message_type):
+        request = unpack_request(arrays, dict(msg.content[keys.CONFIG].items()))
+        enforce_audit_policy(policy, request, site.state_dir)
 
 
 def _error_reply(msg: Message, err: Exception) -> tuple[Message, str]:

@@ -53,11 +53,26 @@ def audit_synthetic_set(synthetic: np.ndarray, local: np.ndarray, thresholds: Se
                         distance_quantiles(distances, quantile_levels))
 
 
-def audit_request(arrays: dict[str, np.ndarray], config: dict, local: np.ndarray) -> AuditSummary:
-    """Unpack the server's query (arrays and config as plain dicts) and audit ``local`` slices."""
+@dataclass(frozen=True)
+class AuditRequest:
+    """The server's query as plain values, so the site policy can check it before any slice is read."""
+
+    images: np.ndarray
+    thresholds: list[float]
+    quantile_levels: list[float]
+
+
+def unpack_request(arrays: dict[str, np.ndarray], config: dict) -> AuditRequest:
+    """The query's images, thresholds and quantile levels (arrays and config as plain dicts)."""
     images = arrays.get(ap.SYNTHETIC_IMAGES)
     if images is None or ap.THRESHOLDS not in config:
         raise ConfigError(f"audit query needs '{ap.SYNTHETIC_IMAGES}' images and '{ap.THRESHOLDS}'",
                           public="malformed audit query")
     levels = config.get(ap.QUANTILE_LEVELS) or DEFAULT_QUANTILE_LEVELS
-    return audit_synthetic_set(np.asarray(images), local, [float(t) for t in config[ap.THRESHOLDS]], [float(q) for q in levels])
+    return AuditRequest(np.asarray(images), [float(t) for t in config[ap.THRESHOLDS]], [float(q) for q in levels])
+
+
+def audit_request(arrays: dict[str, np.ndarray], config: dict, local: np.ndarray) -> AuditSummary:
+    """Unpack the server's query (arrays and config as plain dicts) and audit ``local`` slices."""
+    request = unpack_request(arrays, config)
+    return audit_synthetic_set(request.images, local, request.thresholds, request.quantile_levels)

@@ -1,15 +1,20 @@
 """The hospital's policy: limits and approved apps that the coordinator cannot loosen.
 
 The policy file is named by the site config (``policy_file``), which the SuperNode's node
-config names in turn, so only the hospital can change it. Every train task is checked
-against it *before* any data is touched or any privacy budget is spent:
+config names in turn, so only the hospital can change it. Every task is checked against it
+*before* any data is touched or any privacy budget is spent:
 
-* the app's code must be one the hospital approved (by :func:`app_code_hash`);
-* the requested noise multiplier may not be below the floor, nor the clipping norm above
-  the ceiling;
-* the site must hold at least ``min_patients`` training patients;
-* the privacy ceiling is the tightest of the site budget, the policy and the federation's
-  own per-site cap: the server can lower it, never raise it.
+* every task (train, evaluate, query): the app's code must be one the hospital approved
+  (:func:`check_app`, by :func:`app_code_hash`);
+* train (:func:`enforce_policy`): the requested noise multiplier may not be below the
+  floor, nor the clipping norm above the ceiling; the site must hold at least
+  ``min_patients`` training patients; the privacy ceiling is the tightest of the site
+  budget, the policy and the federation's own per-site cap: the server can lower it,
+  never raise it;
+* query, the memorisation audit (``client/audit_policy.py``): the server chooses the
+  images it sends, so it could use the audit as a membership oracle; the ``audit_*``
+  fields switch it off, demand enough *distinct* images, bound the thresholds and quantile
+  levels per query and the queries answered per 24 h.
 
 Example policy file::
 
@@ -20,6 +25,11 @@ Example policy file::
     min_patients: 50
     approved_apps:
       - 3f1c...e9   # output of `fedsynth site app-hash PATH` on the reviewed code
+    allow_audit: true           # false: every memorisation-audit query is refused
+    audit_min_images: 20        # distinct synthetic images per query, at least
+    audit_max_thresholds: 8
+    audit_max_quantile_levels: 8
+    audit_max_per_day: 10       # queries answered in any 24 h, from the site's audit log
 """
 
 from __future__ import annotations
@@ -31,6 +41,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
+from common import audit_protocol
 from common.config import FedsynthConfig, PrivacyBudget, SiteConfig, config_from_dict, read_yaml, require
 from common.errors import PolicyError
 
@@ -46,6 +57,11 @@ class SitePolicy:
     max_grad_norm: float = 10.0
     min_patients: int = 1
     approved_apps: tuple[str, ...] = ()
+    allow_audit: bool = True
+    audit_min_images: int = 20
+    audit_max_thresholds: int = 8
+    audit_max_quantile_levels: int = 8
+    audit_max_per_day: int = 10
 
     def __post_init__(self) -> None:
         require(0 < self.max_epsilon <= 100, "max_epsilon", f"must be in (0, 100], got {self.max_epsilon}")
@@ -55,6 +71,14 @@ class SitePolicy:
         require(self.min_patients >= 1, "min_patients", f"must be >= 1, got {self.min_patients}")
         require(all(a == ANY_APP or (len(a) == 64 and all(c in "0123456789abcdef" for c in a)) for a in self.approved_apps),
                  "approved_apps", f"entries must be 64 lower-case hex digits (sha256) or '{ANY_APP}'")
+        # The protocol's own minimum is the floor: a policy may only be stricter than no policy.
+        require(self.audit_min_images >= audit_protocol.MIN_SYNTHETIC_IMAGES, "audit_min_images",
+                f"must be >= {audit_protocol.MIN_SYNTHETIC_IMAGES}, got {self.audit_min_images}")
+        require(self.audit_max_thresholds >= 1, "audit_max_thresholds", f"must be >= 1, got {self.audit_max_thresholds}")
+        require(self.audit_max_quantile_levels >= 1, "audit_max_quantile_levels",
+                f"must be >= 1, got {self.audit_max_quantile_levels}")
+        require(self.audit_max_per_day >= 1, "audit_max_per_day",
+                f"must be >= 1 (use allow_audit: false to refuse every audit), got {self.audit_max_per_day}")
 
 
 def load_site_policy(path: str | Path) -> SitePolicy:
@@ -115,21 +139,29 @@ def privacy_ceiling(site: SiteConfig, policy: SitePolicy | None, cfg: FedsynthCo
     return PrivacyBudget(epsilon=epsilon, delta=delta)
 
 
-def _refuse(reason: str) -> PolicyError:
+def refuse(reason: str) -> PolicyError:
+    """A refusal whose reason may go to the server: callers never put a path or patient id in it."""
     return PolicyError(f"site policy refuses the task: {reason}", public=f"site policy refuses the task: {reason}")
 
 
-def enforce_policy(policy: SitePolicy | None, cfg: FedsynthConfig, app_hash: str, num_train_patients: int) -> None:
-    """Raise :class:`PolicyError` if the task would loosen the site's policy."""
+def check_app(policy: SitePolicy | None, app_hash: str) -> None:
+    """Raise :class:`PolicyError` unless the running code is approved; applies to every task type."""
     if policy is None:
         return
     if ANY_APP not in policy.approved_apps and app_hash not in policy.approved_apps:
-        raise _refuse(f"app code {app_hash[:12]}... is not among the {len(policy.approved_apps)} approved app(s)")
+        raise refuse(f"app code {app_hash[:12]}... is not among the {len(policy.approved_apps)} approved app(s)")
+
+
+def enforce_policy(policy: SitePolicy | None, cfg: FedsynthConfig, app_hash: str, num_train_patients: int) -> None:
+    """Raise :class:`PolicyError` if the train task would loosen the site's policy."""
+    if policy is None:
+        return
+    check_app(policy, app_hash)
     if not cfg.privacy.enabled:
-        raise _refuse("training without DP is not allowed by the policy")
+        raise refuse("training without DP is not allowed by the policy")
     if cfg.privacy.noise_multiplier < policy.min_noise_multiplier:
-        raise _refuse(f"noise multiplier {cfg.privacy.noise_multiplier} is below the policy's minimum {policy.min_noise_multiplier}")
+        raise refuse(f"noise multiplier {cfg.privacy.noise_multiplier} is below the policy's minimum {policy.min_noise_multiplier}")
     if cfg.privacy.max_grad_norm > policy.max_grad_norm:
-        raise _refuse(f"clipping norm {cfg.privacy.max_grad_norm} is above the policy's maximum {policy.max_grad_norm}")
+        raise refuse(f"clipping norm {cfg.privacy.max_grad_norm} is above the policy's maximum {policy.max_grad_norm}")
     if num_train_patients < policy.min_patients:
-        raise _refuse(f"{num_train_patients} training patients, fewer than the policy's minimum {policy.min_patients}")
+        raise refuse(f"{num_train_patients} training patients, fewer than the policy's minimum {policy.min_patients}")
