@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
 from client.privacy import compute_epsilon, poisson_sample_rate
 from client.site_data import SiteSlices
 from client.training import train_round

@@ -28,7 +28,7 @@ from client.audit_policy import enforce_audit_policy, is_query
 from client.policy import SitePolicy, check_app, load_site_policy, running_app_hash
 from client.site_data import SiteSlices, load_site_slices_cached, require_readable
 from client.training import TrainResult, train_round, validation_loss
-from client.memorisation_audit import audit_request, unpack_request
+from client.memorisation_audit import AuditRequest, audit_synthetic_set, unpack_request
 from common import audit_protocol, keys
 from common.config import FedsynthConfig, SiteConfig, config_from_dict, load_site_config
 from common.errors import ConfigError, FedsynthError, PolicyError, PrivacyBudgetError, SiteDataError
@@ -51,6 +51,8 @@ class SiteTask:
     slices: SiteSlices
     arrays: dict
     record: TaskRecord
+    audit: AuditRequest | None = None
+    """A query's request, exactly as the site policy checked it."""
 
 
 def site_config_path(context: Context) -> str:
@@ -96,21 +98,24 @@ def _prepare(msg: Message, site: SiteConfig, record: TaskRecord) -> SiteTask:
     cfg = config_from_dict(FedsynthConfig, json.loads(str(raw)), "federation config sent by the server")
     policy = load_site_policy(site.policy_file) if site.policy_file else None
     arrays = {name: array.numpy() for name, array in msg.content[keys.ARRAYS].items()}
-    _check_policy(msg, policy, site, arrays, record)
+    audit = _check_policy(msg, policy, site, arrays, record)
     slices = load_site_slices_cached(site.data_dir, cfg.model.classes, cfg.data, site.labels_csv or None)
     require_readable(slices, site.data_dir, site.skip_bad_files)
-    return SiteTask(cfg, site, policy, slices, arrays, record)
+    return SiteTask(cfg, site, policy, slices, arrays, record, audit)
 
 
-def _check_policy(msg: Message, policy: SitePolicy | None, site: SiteConfig, arrays: dict, record: TaskRecord) -> None:
-    """The policy checks every task type passes before the site's data is read.
+def _check_policy(msg: Message, policy: SitePolicy | None, site: SiteConfig, arrays: dict,
+                  record: TaskRecord) -> AuditRequest | None:
+    """The policy checks every task type passes before the site's data is read; a query's checked request.
 
     Train tasks are checked again, in full, by ``train_round`` (it also needs the patient count).
     """
     check_app(policy, record.app_hash)
-    if is_query(record.message_type):
-        request = unpack_request(arrays, dict(msg.content[keys.CONFIG].items()))
-        enforce_audit_policy(policy, request, site.state_dir)
+    if not is_query(record.message_type):
+        return None
+    request = unpack_request(arrays, dict(msg.content[keys.CONFIG].items()))
+    enforce_audit_policy(policy, request, site.state_dir)
+    return request
 
 
 def _error_reply(msg: Message, err: Exception) -> tuple[Message, str]:
@@ -200,7 +205,9 @@ def query(msg: Message, task: SiteTask) -> Message:
 
     Only aggregates leave the site: counts below each threshold and distance quantiles.
     """
-    summary = audit_request(task.arrays, dict(msg.content[keys.CONFIG].items()), task.slices.images)
+    if task.audit is None:
+        raise ConfigError("query task without an audit request", public="malformed audit query")
+    summary = audit_synthetic_set(task.audit.images, task.slices.images, task.audit.thresholds, task.audit.quantile_levels)
     metrics = MetricRecord({
         audit_protocol.NUM_SYNTHETIC: summary.num_synthetic,
         audit_protocol.NUM_LOCAL: summary.num_local,

@@ -70,9 +70,3 @@ def unpack_request(arrays: dict[str, np.ndarray], config: dict) -> AuditRequest:
                           public="malformed audit query")
     levels = config.get(ap.QUANTILE_LEVELS) or DEFAULT_QUANTILE_LEVELS
     return AuditRequest(np.asarray(images), [float(t) for t in config[ap.THRESHOLDS]], [float(q) for q in levels])
-
-
-def audit_request(arrays: dict[str, np.ndarray], config: dict, local: np.ndarray) -> AuditSummary:
-    """Unpack the server's query (arrays and config as plain dicts) and audit ``local`` slices."""
-    request = unpack_request(arrays, config)
-    return audit_synthetic_set(request.images, local, request.thresholds, request.quantile_levels)
