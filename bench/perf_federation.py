@@ -62,14 +62,14 @@ def in_process_round(fed: Federation, workdir: Path) -> dict[str, list[float]]:
         slices = load_site_slices(site.data_dir, fed.cfg.model.classes, fed.cfg.data)  # a site caches them across rounds
         # As in rounds after the first, the ledger already holds a round: the budget check then
         # composes two histories (spent, spent + planned) instead of one.
-        train_patients = len(split_patients(slices, fed.cfg.training.val_fraction)[0])
+        train_patients = len(split_patients(slices, site.val_fraction)[0])
         PrivacyLedger.open(site.state_dir, fed.cfg.privacy.accountant).reserve(plan_steps(fed.cfg, train_patients))
         wall, cpu = time.perf_counter(), time.process_time()
         result = train_round(fed.cfg, site, slices, weights, server_round=2)
         out["train_s"].append(time.perf_counter() - wall)
         out["train_cpu_s"].append(time.process_time() - cpu)
         wall, cpu = time.perf_counter(), time.process_time()
-        validation_loss(fed.cfg, slices, result.arrays)
+        validation_loss(fed.cfg, slices, result.arrays, site.val_fraction)
         out["eval_s"].append(time.perf_counter() - wall)
         out["eval_cpu_s"].append(time.process_time() - cpu)
     return out

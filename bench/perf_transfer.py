@@ -55,7 +55,9 @@ def audit_bytes(state_dirs: list[Path], params: int) -> dict:
 
 def emulate_fedavg(fed: Federation, root: Path, transfer_dtype: str, rounds: int) -> dict[str, np.ndarray]:
     cfg = fed.cfg
-    sites = [fresh_site_copy(p, root / f"{transfer_dtype}-{cfg.training.seed}") for p in fed.site_paths]
+    # The comparison needs the same DP noise in both runs, which only the sites' unsafe switch gives.
+    sites = [dataclasses.replace(fresh_site_copy(p, root / f"{transfer_dtype}-{cfg.training.seed}"), unsafe_reproducible_dp=True)
+             for p in fed.site_paths]
     slices = [load_site_slices(s.data_dir, cfg.model.classes, cfg.data) for s in sites]
     torch.manual_seed(cfg.training.seed)
     weights = trainable_state(build_unet(cfg.model))
@@ -90,7 +92,7 @@ def _val_loss(cfg: FedsynthConfig, fed: Federation, weights: dict) -> float:
     losses = []
     for site in fed.sites():
         slices = load_site_slices(site.data_dir, cfg.model.classes, cfg.data)
-        loss, count = validation_loss(cfg, slices, weights)
+        loss, count = validation_loss(cfg, slices, weights, site.val_fraction)
         if count:
             losses.append(loss)
     return float(np.mean(losses))

@@ -32,6 +32,8 @@ class TaskRecord:
     bytes_sent: int = 0
     outcome: str = "pending"
     """``ok``, ``refused: <reason sent to the server>`` or ``error: <category>``."""
+    unsafe_reproducible_dp: bool = False
+    """A DP round seeded from the config (the site's test-only switch): written only when true."""
 
 
 def append_task_record(state_dir: str | Path, record: TaskRecord) -> None:
@@ -41,6 +43,8 @@ def append_task_record(state_dir: str | Path, record: TaskRecord) -> None:
         if value is not None and value == float("inf"):
             row[key] = None
             row["non_private"] = True
+    if not row["unsafe_reproducible_dp"]:
+        del row["unsafe_reproducible_dp"]  # a line holds it only when it matters, as non_private
     append_jsonl(Path(state_dir) / AUDIT_FILE, row)
 
 

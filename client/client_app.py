@@ -166,18 +166,24 @@ def train(msg: Message, task: SiteTask) -> Message:
                          server_round=task.record.server_round, policy=task.policy, app_hash=task.record.app_hash)
     task.record.steps = result.steps
     task.record.epsilon_before, task.record.epsilon_after = result.epsilon_before, result.epsilon
+    task.record.unsafe_reproducible_dp = result.unsafe_reproducible_dp
     return Message(content=train_reply_content(result, task.site.site_id, task.cfg.federation.transfer_dtype), reply_to=msg)
 
 
 def train_reply_content(result: TrainResult, site_id: str, transfer_dtype: str) -> RecordDict:
-    """Everything a train reply carries: the weights in the federation's transfer dtype, numbers, the site's name."""
+    """Everything a train reply carries: the weights in the federation's transfer dtype, numbers, the site's name.
+
+    Under DP the training loss stays at the site: it is computed on the sampled patients without
+    noise, so epsilon does not cover it.
+    """
     metrics = MetricRecord({
         keys.NUM_EXAMPLES: result.num_examples,
-        keys.TRAIN_LOSS: result.loss,
         keys.EPSILON: result.epsilon,
         keys.DELTA: result.delta,
         keys.STEPS: result.steps,
     })
+    if not result.private:
+        metrics[keys.TRAIN_LOSS] = result.loss
     return RecordDict({
         keys.ARRAYS: ArrayRecord(array_dict={k: Array(v) for k, v in encode_update(result.arrays, transfer_dtype).items()}),
         keys.METRICS: metrics,
@@ -189,7 +195,7 @@ def train_reply_content(result: TrainResult, site_id: str, transfer_dtype: str) 
 @audited
 def evaluate(msg: Message, task: SiteTask) -> Message:
     """Validation loss of the global weights on the site's held-out patients."""
-    loss, count = validation_loss(task.cfg, task.slices, task.arrays)
+    loss, count = validation_loss(task.cfg, task.slices, task.arrays, task.site.val_fraction)
     if count == 0:
         loss = 0.0  # carries no weight in the average; NaN would poison it
     return Message(content=RecordDict({

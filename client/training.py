@@ -2,12 +2,14 @@
 
 A round takes exactly ``training.local_steps`` optimiser steps. With DP each step is a
 Poisson sample of *patients*; a sampled patient contributes one randomly chosen slice,
-so one patient is one sample however many slices it has.
+so one patient is one sample however many slices it has. A DP round's randomness comes
+from OS entropy (:mod:`client.round_rng`), never from anything the server knows.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 from dataclasses import dataclass
 from functools import partial
@@ -20,6 +22,7 @@ from client.dp_sgd import LocalStep, PlainStep
 from client.ledger import PrivacyLedger
 from client.policy import SitePolicy, enforce_policy, privacy_ceiling
 from client.privacy import make_private_step, poisson_sample_rate
+from client.round_rng import RoundRandomness
 from client.site_data import SiteSlices
 from common.config import FedsynthConfig, SiteConfig
 from common.errors import PrivacyBudgetError
@@ -34,6 +37,8 @@ from common.model import (
     trainable_state,
 )
 
+log = logging.getLogger("fedsynth.client")
+
 
 @dataclass(frozen=True)
 class TrainResult:
@@ -44,6 +49,10 @@ class TrainResult:
     epsilon: float
     delta: float
     epsilon_before: float = 0.0
+    private: bool = True
+    """DP-SGD: ``loss`` (of sampled patients, without noise) must not leave the site."""
+    unsafe_reproducible_dp: bool = False
+    """DP noise seeded from the config: the site's test-only switch was on."""
 
 
 class PatientDataset(Dataset):
@@ -84,6 +93,7 @@ def split_patients(slices: SiteSlices, val_fraction: float) -> tuple[list[np.nda
 
 
 def _round_seed(cfg: FedsynthConfig, site_id: str, server_round: int) -> int:
+    """Known to the server: only for non-private rounds and the site's ``unsafe_reproducible_dp``."""
     digest = hashlib.sha256(f"{cfg.training.seed}:{site_id}:{server_round}".encode()).digest()
     return int.from_bytes(digest[:4], "big")
 
@@ -112,7 +122,7 @@ def train_round(
             coordinator asked for non-private training the site does not allow.
         Nothing is spent when either is raised.
     """
-    train_groups, _ = split_patients(slices, cfg.training.val_fraction)
+    train_groups, _ = split_patients(slices, site.val_fraction)
     enforce_policy(policy, cfg, app_hash, len(train_groups))
     ledger = PrivacyLedger.open(site.state_dir, cfg.privacy.accountant)
     budget = privacy_ceiling(site, policy, cfg)
@@ -129,8 +139,8 @@ def train_round(
         epsilon_before, epsilon_after = ledger.epsilon(budget.delta), math.inf
     ledger.reserve(planned, run_id=run_id, server_round=server_round)
 
-    seed = _round_seed(cfg, site.site_id, server_round)
-    torch.manual_seed(seed)
+    rng = _round_randomness(cfg, site, server_round)
+    rng.seed_global()
     device = pick_device()
     amp_dtype = autocast_dtype(cfg.training.mixed_precision, device)
     model = build_unet(cfg.model)
@@ -139,10 +149,10 @@ def train_round(
     if amp_dtype is not None:  # tensor-core convolutions want NHWC; weights still travel as float32 NCHW arrays
         model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.training.learning_rate)
-    dataset = PatientDataset(slices.images, slices.labels, train_groups, seed, device=device)
-    generator = torch.Generator().manual_seed(seed)  # patient sampling: always on the CPU
+    dataset = PatientDataset(slices.images, slices.labels, train_groups, rng.numpy_seed(), device=device)
+    generator = rng.cpu_generator()  # patient sampling: always on the CPU
     # Noise and timesteps: the same CPU stream as ever on a CPU, drawn on the GPU on a GPU.
-    noise_rng = generator if device.type == "cpu" else torch.Generator(device=device).manual_seed(seed)
+    noise_rng = generator if device.type == "cpu" else rng.device_generator(device)
     stepper: LocalStep
     if cfg.privacy.enabled:
         model, stepper, loader = make_private_step(
@@ -170,15 +180,37 @@ def train_round(
                 losses.append(stepper.step(partial(_batch_losses, model, scheduler, images, labels, noise_rng, amp_dtype)))
             steps += 1
 
+    loss = float(torch.stack(losses).float().mean()) if losses else float("nan")
+    log.info("round %d: %d steps, train loss %.4f (%s)", server_round, steps, loss,
+             "kept at the site" if cfg.privacy.enabled else "sent: non-private training")
     return TrainResult(
         arrays=trainable_state(model),
         num_examples=len(train_groups),
-        loss=float(torch.stack(losses).float().mean()) if losses else float("nan"),
+        loss=loss,
         steps=steps,
         epsilon=epsilon_after,  # the ledger holds exactly the planned steps, reserved above
         delta=budget.delta,
         epsilon_before=epsilon_before,
+        private=cfg.privacy.enabled,
+        unsafe_reproducible_dp=cfg.privacy.enabled and site.unsafe_reproducible_dp,
     )
+
+
+UNSAFE_REPRODUCIBLE_WARNING = (
+    "UNSAFE: site config sets unsafe_reproducible_dp: true, so this DP round is seeded from the federation "
+    "config. The server can reproduce its noise and sampling; the reported epsilon protects nothing. "
+    "For tests only: remove it from the site config."
+)
+
+
+def _round_randomness(cfg: FedsynthConfig, site: SiteConfig, server_round: int) -> RoundRandomness:
+    """Fresh OS entropy under DP; the config-derived seed only without DP or with the site's unsafe switch."""
+    if not cfg.privacy.enabled:
+        return RoundRandomness(_round_seed(cfg, site.site_id, server_round))
+    if site.unsafe_reproducible_dp:
+        log.warning("round %d: %s", server_round, UNSAFE_REPRODUCIBLE_WARNING)
+        return RoundRandomness(_round_seed(cfg, site.site_id, server_round))
+    return RoundRandomness()
 
 
 def _batch_losses(model: torch.nn.Module, scheduler, images: torch.Tensor, labels: torch.Tensor,
@@ -191,13 +223,17 @@ def _batch_losses(model: torch.nn.Module, scheduler, images: torch.Tensor, label
 
 
 @torch.no_grad()
-def validation_loss(cfg: FedsynthConfig, slices: SiteSlices, arrays: dict[str, np.ndarray], max_images: int = 256) -> tuple[float, int]:
+def validation_loss(cfg: FedsynthConfig, slices: SiteSlices, arrays: dict[str, np.ndarray], val_fraction: float,
+                    max_images: int = 256) -> tuple[float, int]:
     """Mean diffusion loss on the site's held-out patients, with fixed noise so rounds compare.
+
+    Args:
+        val_fraction: the site's own ``SiteConfig.val_fraction``, the share ``train_round`` held out.
 
     Returns:
         (loss, number of validation slices); ``(nan, 0)`` when the site has no held-out patient.
     """
-    _, val_groups = split_patients(slices, cfg.training.val_fraction)
+    _, val_groups = split_patients(slices, val_fraction)
     if not val_groups:
         return float("nan"), 0
     index = np.concatenate(val_groups)[:max_images]

@@ -125,7 +125,6 @@ class TrainingConfig:
     batch_size: int = 16
     learning_rate: float = 2e-4
     label_dropout: float = 0.1
-    val_fraction: float = 0.1
     seed: int = 0
     mixed_precision: str = "auto"
 
@@ -136,7 +135,6 @@ class TrainingConfig:
         require(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
         require(0 < self.learning_rate < 1, "learning_rate", f"must be in (0, 1), got {self.learning_rate}")
         require(0 <= self.label_dropout < 1, "label_dropout", f"must be in [0, 1), got {self.label_dropout}")
-        require(0 <= self.val_fraction < 0.9, "val_fraction", f"must be in [0, 0.9), got {self.val_fraction}")
 
 
 @dataclass(frozen=True)
@@ -253,12 +251,19 @@ class SiteConfig:
     policy_file: str = ""
     # true: unreadable image files are reported and skipped; false: any of them stops the site.
     skip_bad_files: bool = False
+    # Share of patients held out for the validation loss. The site fixes it, never the server: a task
+    # choosing it could have trained patients reported as held out.
+    val_fraction: float = 0.1
+    # TESTS ONLY: seed DP rounds from the federation config instead of OS entropy. Whoever knows the
+    # config (the server) can then reproduce the DP noise and sampling, so epsilon means nothing.
+    unsafe_reproducible_dp: bool = False
 
     def __post_init__(self) -> None:
         require(bool(self.site_id) and self.site_id.replace("-", "").replace("_", "").isalnum(), "site_id",
                  f"must be letters, digits, '-' or '_', got {self.site_id!r}")
         require(bool(self.data_dir), "data_dir", "must be set")
         require(bool(self.state_dir), "state_dir", "must be set")
+        require(0 <= self.val_fraction < 0.9, "val_fraction", f"must be in [0, 0.9), got {self.val_fraction}")
 
 
 # ----------------------------------------------------------------------------------------
@@ -305,9 +310,20 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise TypeError(f"unsupported config annotation {tp!r}")  # a schema bug, not user error
 
 
+# Keys that left a schema: naming where they went beats "unknown key", and a coordinator that
+# still sets one learns that it no longer decides it.
+MOVED_KEYS = {
+    "training.val_fraction": "no longer a federation setting: each site sets its own held-out share "
+                             "(val_fraction in the site config), so the server cannot choose which patients count as held out",
+}
+
+
 def _build(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    moved = sorted(prefix + name for name in data if prefix + name in MOVED_KEYS)
+    if moved:
+        raise _Invalid(moved[0], MOVED_KEYS[moved[0]])
     unknown = sorted(set(data) - set(fields))
     if unknown:
         raise _Invalid(prefix + unknown[0], f"unknown key (allowed: {', '.join(sorted(fields))})")
@@ -331,7 +347,9 @@ def config_from_dict(cls: type[T], data: Any, source: str) -> T:
     try:
         return _build(cls, data)
     except _Invalid as err:
-        raise ConfigError(f"{source}: {err.key}: {err.reason}") from None
+        # A moved key's message holds no site detail: the server may be told it.
+        public = f"{err.key}: {err.reason}" if err.key in MOVED_KEYS else None
+        raise ConfigError(f"{source}: {err.key}: {err.reason}", public=public) from None
 
 
 def read_yaml(path: Path) -> Any:

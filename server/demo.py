@@ -83,7 +83,7 @@ def write_demo_configs(out: Path, s: DemoSettings) -> tuple[Path, list[Path]]:
                   "num_res_blocks": 1, "norm_num_groups": 8, "num_head_channels": 8},
         "diffusion": {"num_train_timesteps": 1000, "schedule": "linear_beta"},
         "training": {"local_steps": s.local_steps, "batch_size": s.batch_size, "learning_rate": 1e-3,
-                     "label_dropout": 0.1, "val_fraction": 0.1, "seed": s.seed},
+                     "label_dropout": 0.1, "seed": s.seed},
         "privacy": {"enabled": True, "noise_multiplier": s.noise_multiplier, "max_grad_norm": s.max_grad_norm,
                     "accountant": "prv"},
         "data": {"image_size": s.image_size, "pixel_spacing_mm": 1.0},

@@ -37,6 +37,19 @@ def aggregate_nonempty_metrics(records: list[RecordDict], weighting_key: str) ->
     return aggregate_metricrecords(weighted, weighting_key)
 
 
+def keep_shared_metrics(replies: list[Message]) -> None:
+    """Drop, in place, the metrics not every reply carries (each site's own are already logged).
+
+    Flower's FedAvg refuses to aggregate replies whose metric keys differ, and one site without
+    a metric (a DP site keeps its training loss) must not cost the round.
+    """
+    records = [msg.content[keys.METRICS] for msg in replies]
+    shared = set.intersection(*(set(r.keys()) for r in records)) if records else set()
+    for record in records:
+        for key in set(record.keys()) - shared:
+            del record[key]
+
+
 def _finite_or_none(value: float) -> float | None:
     """JSON has no infinity: a non-private site's epsilon is written as null."""
     return value if math.isfinite(value) else None
@@ -134,6 +147,7 @@ class CheckpointingFedAvg(FedAvg):
                 f"round {fed_round}: {len(accepted)} site update(s) accepted of {len(replies)} replies, below the "
                 f"quorum of {self.cfg.federation.quorum}; stopping, last checkpoint (round {fed_round - 1}) intact"
             )
+        keep_shared_metrics(accepted)
         arrays, metrics = super().aggregate_train(server_round, accepted)
         if arrays is None:
             raise FederationError(f"round {fed_round}: aggregation produced no model")

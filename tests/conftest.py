@@ -21,7 +21,7 @@ def tiny_federation(output_dir: Path, **overrides: dict) -> dict:
         "model": {"classes": TINY_CLASSES, "channels": [8, 8], "attention_levels": [False, True],
                   "num_res_blocks": 1, "norm_num_groups": 4, "num_head_channels": 8},
         "diffusion": {"num_train_timesteps": 100},
-        "training": {"local_steps": 3, "batch_size": 4, "learning_rate": 1e-3, "val_fraction": 0.2},
+        "training": {"local_steps": 3, "batch_size": 4, "learning_rate": 1e-3},
         "privacy": {"enabled": True, "noise_multiplier": 1.0, "max_grad_norm": 1.0},
         "data": {"image_size": 16},
     }
@@ -46,11 +46,12 @@ def write_shapes_dataset(root: Path, per_class: int = 12, size: int = 24, seed: 
     return root
 
 
-def write_site(root: Path, site_id: str, data_dir: Path, epsilon: float = 50.0, **extra: object) -> Path:
+def write_site(root: Path, site_id: str, data_dir: Path, epsilon: float = 50.0, val_fraction: float = 0.2,
+               **extra: object) -> Path:
     path = root / site_id / "site.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     cfg = {"site_id": site_id, "data_dir": str(data_dir), "state_dir": str(root / site_id / "state"),
-           "privacy_budget": {"epsilon": epsilon, "delta": 1e-5}, **extra}
+           "privacy_budget": {"epsilon": epsilon, "delta": 1e-5}, "val_fraction": val_fraction, **extra}
     path.write_text(yaml.safe_dump(cfg))
     return path
 

@@ -1,8 +1,9 @@
 """Training curves from a federation's ``metrics.jsonl`` (written by ``server/strategy.py``).
 
 Rows are ``{"round", "phase": "train"|"evaluate", "kind": "site"|"aggregate"|"failure", ...}``
-with ``train-loss``, ``val-loss`` and ``epsilon`` among the numbers. A line that does not
-parse (one being written when the file was read) is skipped.
+with ``val-loss`` and ``epsilon`` among the numbers, and ``train-loss`` only from non-private
+training (a DP site keeps its training loss: epsilon does not cover it), so the train curves of
+a DP run are empty. A line that does not parse (one being written when the file was read) is skipped.
 """
 
 from __future__ import annotations

@@ -177,7 +177,8 @@ def _slices(n: int = 30) -> SiteSlices:
 def _train(tmp_path: Path, name: str, **overrides: dict) -> dict[str, np.ndarray]:
     overrides = {**overrides, "training": {"local_steps": 4, **overrides.get("training", {})}}
     cfg = config_from_dict(FedsynthConfig, tiny_federation(tmp_path / "server", **overrides), "t")
-    site = load_site_config(write_site(tmp_path / name, "a", tmp_path / "data"))
+    # Comparing two rounds needs the same noise in both: only the site's test-only switch allows that.
+    site = load_site_config(write_site(tmp_path / name, "a", tmp_path / "data", unsafe_reproducible_dp=True))
     torch.manual_seed(0)
     return train_round(cfg, site, _slices(), trainable_state(build_unet(cfg.model)), server_round=1).arrays
 

@@ -57,7 +57,7 @@ def test_epsilon_grows_over_rounds_and_survives_restart(tmp_path: Path) -> None:
     third = train_round(cfg, site, slices, second.arrays, run_id="run-2", server_round=1)
     assert third.epsilon > second.epsilon
     # The ledger's epsilon is the one composed over all steps, not over the last round alone.
-    train_patients = len(split_patients(slices, cfg.training.val_fraction)[0])
+    train_patients = len(split_patients(slices, site.val_fraction)[0])
     q = poisson_sample_rate(train_patients, cfg.training.batch_size)
     expected = compute_epsilon([(1.0, q, 3 * cfg.training.local_steps)], 1e-5)
     assert math.isclose(third.epsilon, expected, rel_tol=1e-6)
@@ -67,7 +67,7 @@ def test_epsilon_grows_over_rounds_and_survives_restart(tmp_path: Path) -> None:
 def test_refuses_over_budget_and_spends_nothing(tmp_path: Path) -> None:
     cfg = _cfg(tmp_path, training={"local_steps": 5})
     slices = _slices(20)
-    train_patients = len(split_patients(slices, cfg.training.val_fraction)[0])
+    train_patients = len(split_patients(slices, 0.2)[0])  # write_site's default val_fraction
     q = poisson_sample_rate(train_patients, cfg.training.batch_size)
     one_round = compute_epsilon([(1.0, q, 5)], 1e-5)
     two_rounds = compute_epsilon([(1.0, q, 10)], 1e-5)
@@ -99,12 +99,12 @@ def test_server_cannot_switch_dp_off_unless_the_site_allows(tmp_path: Path) -> N
 def test_unit_of_privacy_is_the_patient(tmp_path: Path) -> None:
     cfg = _cfg(tmp_path)
     slices = _slices(num_patients=12, slices_per_patient=5)
-    train, val = split_patients(slices, cfg.training.val_fraction)
+    site = load_site_config(write_site(tmp_path / "sites", "a", tmp_path / "data"))
+    train, val = split_patients(slices, site.val_fraction)
     assert sum(len(g) for g in train + val) == 60
     assert all(len(g) == 5 for g in train + val)
     dataset = PatientDataset(slices.images, slices.labels, train, seed=0)
     assert len(dataset) == len(train)  # one item per patient, not per slice
-    site = load_site_config(write_site(tmp_path / "sites", "a", tmp_path / "data"))
     train_round(cfg, site, slices, _initial(cfg))
     entry = json.loads(Path(site.state_dir, "privacy_ledger.json").read_text())["entries"][0]
     assert entry["sample_rate"] == poisson_sample_rate(len(train), cfg.training.batch_size)
