@@ -82,3 +82,16 @@ def test_below_quorum_stops_without_a_checkpoint(tmp_path: Path) -> None:
     with pytest.raises(FederationError, match="1 site update\\(s\\) accepted of 2 replies, below the quorum of 2"):
         strategy.aggregate_train(1, [_reply(1, "good", GOOD), _reply(2, "bad", wrong)])
     assert not (tmp_path / "server" / "checkpoints").exists()
+
+
+def test_a_round_mixing_sites_with_and_without_train_loss_is_aggregated(tmp_path: Path) -> None:
+    """A DP site keeps its training loss; another (an older version) sends one: Flower's FedAvg would
+    refuse the mismatched metric keys and lose the round."""
+    strategy = _strategy(tmp_path)
+    with_loss = _reply(1, "old", GOOD)
+    with_loss.content[keys.METRICS][keys.TRAIN_LOSS] = 0.7
+    arrays, metrics = strategy.aggregate_train(1, [with_loss, _reply(2, "new", GOOD, 30)])
+    assert np.allclose(arrays["a"].numpy(), 0.1) and keys.TRAIN_LOSS not in metrics
+    rows = [json.loads(line) for line in strategy.cfg.federation.metrics_file.read_text().splitlines()]
+    assert [r.get(keys.TRAIN_LOSS) for r in rows if r["kind"] == "site"] == [0.7, None]  # each site's own, as sent
+    assert keys.TRAIN_LOSS not in next(r for r in rows if r["kind"] == "aggregate")
