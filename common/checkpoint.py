@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from common.config import FedsynthConfig, config_from_dict, config_to_dict
+from common.config import FedsynthConfig, config_from_dict, config_to_dict, without_moved_keys
 from common.errors import CheckpointError, ConfigError
 from common.fileio import write_bytes_atomic
 
@@ -67,7 +67,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     if payload.get("version") != VERSION:
         raise CheckpointError(f"{path}: checkpoint version {payload.get('version')} is not supported (expected {VERSION})")
     try:
-        config = config_from_dict(FedsynthConfig, payload["config"], f"{path} (embedded config)")
+        config = config_from_dict(FedsynthConfig, without_moved_keys(payload["config"]), f"{path} (embedded config)")
         meta = payload["metadata"]
         return Checkpoint(
             config=config,

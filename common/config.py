@@ -318,6 +318,19 @@ MOVED_KEYS = {
 }
 
 
+def without_moved_keys(data: Any) -> Any:
+    """A config recorded before keys moved (a checkpoint's), without them: a record of a past run is
+    not a request, and refusing it would make older checkpoints unreadable."""
+    if not isinstance(data, dict):
+        return data
+    data = {**data}
+    for dotted in MOVED_KEYS:
+        section, key = dotted.split(".")
+        if isinstance(data.get(section), dict) and key in data[section]:
+            data[section] = {k: v for k, v in data[section].items() if k != key}
+    return data
+
+
 def _build(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]

@@ -9,12 +9,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, Metadata, RecordDict
 
 from client.client_app import app
 from client.site_data import SiteSlices
 from client.training import split_patients, train_round, validation_loss
+from common.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from common import keys
 from common.config import FedsynthConfig, config_from_dict, load_federation_config, load_site_config
 from common.errors import ConfigError
@@ -29,6 +31,15 @@ def test_a_federation_config_naming_val_fraction_is_refused_on_load(tmp_path: Pa
         load_federation_config(path)
     assert str(path) in str(err.value) and "training.val_fraction" in str(err.value)
     assert "val_fraction in the site config" in str(err.value)
+
+
+def test_a_checkpoint_written_before_the_move_still_loads(tmp_path: Path) -> None:
+    cfg = config_from_dict(FedsynthConfig, tiny_federation(tmp_path), "t")
+    path = save_checkpoint(tmp_path / "old.pt", Checkpoint(cfg, trainable_state(build_unet(cfg.model)), 1, {}))
+    payload = torch.load(path, weights_only=True)
+    payload["config"]["training"]["val_fraction"] = 0.1  # as every checkpoint before the move held it
+    torch.save(payload, path)
+    assert load_checkpoint(path).config == cfg
 
 
 @pytest.mark.parametrize(("message_type", "val_fraction"), [(MessageType.TRAIN, 0.0), (MessageType.EVALUATE, 0.89)])
