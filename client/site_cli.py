@@ -32,6 +32,12 @@ def _fmt_eps(value: object) -> str:
     return "-" if value is None else f"{float(value):.3f}"  # type: ignore[arg-type]
 
 
+def _outcome(row: dict) -> str:
+    outcome = str(row.get("outcome", ""))
+    # The server could reproduce that round's DP noise: the admin must not miss it.
+    return f"UNSAFE reproducible DP; {outcome}" if row.get("unsafe_reproducible_dp") else outcome
+
+
 def _audit(args: argparse.Namespace) -> int:
     from client.audit_log import read_audit
     from client.ledger import PrivacyLedger
@@ -49,7 +55,7 @@ def _audit(args: argparse.Namespace) -> int:
         when = datetime.fromtimestamp(float(row.get("time", 0)), timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
         table.add_row(when, str(row.get("run_id", ""))[-8:], str(row.get("message_type", "")), str(row.get("server_round", "")),
                       str(row.get("app_hash", ""))[:10], str(row.get("steps", "")), _fmt_eps(row.get("epsilon_before")),
-                      _fmt_eps(row.get("epsilon_after")), str(row.get("bytes_sent", "")), str(row.get("outcome", "")))
+                      _fmt_eps(row.get("epsilon_after")), str(row.get("bytes_sent", "")), _outcome(row))
     console = Console()
     console.print(table)
     ledger = PrivacyLedger.open(state)

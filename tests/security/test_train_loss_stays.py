@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import argparse
 import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 import yaml
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, Metadata, RecordDict
 
 from client.audit_log import read_audit
 from client.client_app import app
+from client.site_cli import _audit
 from common import keys
 from common.config import FedsynthConfig, config_from_dict, config_to_json
 from common.model import build_unet, trainable_state
@@ -50,7 +53,10 @@ def test_non_private_training_may_still_send_its_loss(tmp_path: Path) -> None:
     assert np.isfinite(reply.content.metric_records[keys.METRICS][keys.TRAIN_LOSS])
 
 
-def test_the_unsafe_switch_is_written_to_the_audit_line_of_the_task(tmp_path: Path) -> None:
+def test_the_unsafe_switch_is_written_to_the_audit_line_of_the_task(tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
     reply, audit = _run(tmp_path, _train_task(tmp_path), unsafe_reproducible_dp=True)
     assert not reply.has_error() and keys.TRAIN_LOSS not in reply.content.metric_records[keys.METRICS]
     assert audit[0]["unsafe_reproducible_dp"] is True
+    _audit(argparse.Namespace(state=str(tmp_path / "sites" / "site-a" / "state"), config=None, last=0, json=False))
+    assert "UNSAFE" in capsys.readouterr().out  # and in the admin's table
