@@ -88,9 +88,9 @@ class RoundRandomness:
             torch.manual_seed(self.seed)
             return
         fill_from_entropy(torch.default_generator)
-        for index in range(torch.cuda.device_count() if torch.cuda.is_available() else 0):
-            with torch.cuda.device(index):
-                torch.cuda.manual_seed(secrets.randbits(64))  # each device its own draw
+        # Lazy (no CUDA context is created for it) and a no-op without CUDA; one secret for every
+        # device is fine, as a round trains on one.
+        torch.cuda.manual_seed_all(secrets.randbits(64))
 
     def cpu_generator(self) -> torch.Generator:
         if self.seed is not None:
