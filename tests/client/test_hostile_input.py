@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 
 from client.site_data import load_site_slices, require_readable
+from tests.hostile_files import gzip_bomb, raw_nifti
 from common.config import DataConfig
 from common.errors import SiteDataError
 
@@ -83,7 +84,7 @@ CASES: list[tuple[str, Callable[[Path], None], bool, str]] = [
     ("four-d.nii.gz", _four_d, False, "4D"),
     ("four-d-singleton.nii.gz", lambda p: _nii(p, _volume((8, 8, 8, 1))), True, ""),
     ("two-d.nii.gz", lambda p: _nii(p, _volume((12, 12))), True, ""),
-    ("nan-inf.nii.gz", _nan_volume, True, ""),
+    ("nan-inf.nii.gz", _nan_volume, False, "16 of 512 voxels are NaN or infinite"),
     ("all-zero.nii.gz", lambda p: _nii(p, _volume((8, 8, 8), fill=0.0)), False, "no signal"),
     ("zero-byte.nii.gz", lambda p: p.write_bytes(b""), False, "empty"),
     ("zero-byte.png", lambda p: p.write_bytes(b""), False, ""),
@@ -92,6 +93,14 @@ CASES: list[tuple[str, Callable[[Path], None], bool, str]] = [
     ("rgba.png", _rgba, True, ""),
     ("sheared.nii.gz", _sheared, True, ""),
     ("huge.png", _huge, True, ""),
+    ("zero-affine.nii", lambda p: raw_nifti(p, _volume((8, 8, 8)), sform=np.zeros((3, 4))), False, "affine is singular"),
+    ("nan-affine.nii.gz", lambda p: raw_nifti(p, _volume((8, 8, 8)), sform=np.full((3, 4), np.nan)), False, "NaN or infinite"),
+    ("negative-dims.nii", lambda p: raw_nifti(p, _volume((8, 8, 8)), dim=[3, -8, 8, 8, 1, 1, 1, 1]), False, "positive"),
+    ("gzip-bomb.nii.gz", gzip_bomb, False, "voxels, more than"),
+    ("complex.nii.gz", lambda p: raw_nifti(p, _volume((8, 8, 8)).astype(np.complex64)), False, "datatype complex64"),
+    ("one-pixel-wide.nii.gz", lambda p: _nii(p, _volume((1, 40, 8))), False, "slices along RAS axis 2 are 40x1 pixels"),
+    ("one-pixel-wide.png", lambda p: Image.fromarray(np.arange(60, dtype=np.uint8).reshape(60, 1)).save(p), False,
+     "image of 60x1 pixels"),
 ]
 
 
