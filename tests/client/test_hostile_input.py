@@ -188,3 +188,70 @@ def test_unreadable_file_permissions() -> None:
         assert bad == [("glioma/secret.png", "permission denied")]
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+def _load_with_deadline(root: Path, seconds: float = 60.0, **kwargs) -> object:
+    """load_site_slices in a thread: a loader that blocks (on a FIFO) fails the test instead of hanging it."""
+    import threading
+
+    result: list[object] = []
+    worker = threading.Thread(target=lambda: result.append(load_site_slices(root, CLASSES, CFG, **kwargs)), daemon=True)
+    worker.start()
+    worker.join(seconds)
+    assert not worker.is_alive(), "loading the site blocked"
+    assert result, "loading raised (see the thread's traceback above)"
+    return result[0]
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+def test_fifo_is_skipped_without_being_opened(tmp_path: Path) -> None:
+    _good(tmp_path)
+    os.mkfifo(tmp_path / "glioma" / "pipe.png")
+    slices = _load_with_deadline(tmp_path)
+    assert len(slices) == 3
+    assert {s.path: s.reason for s in slices.unreadable()} == {
+        "glioma/pipe.png": "not a regular file (FIFO, socket or device); not opened"}
+
+
+def test_deeply_nested_folders_are_named_not_a_recursion_error(tmp_path: Path) -> None:
+    _good(tmp_path)
+    deep = tmp_path / "glioma"
+    for _ in range(1100):  # one by one: pathlib's mkdir(parents=True) itself recurses
+        deep = deep / "d"
+        deep.mkdir()
+    shutil.copy(tmp_path / "glioma" / "ok-0.png", deep / "buried.png")
+    slices = load_site_slices(tmp_path, CLASSES, CFG)
+    assert len(slices) == 3
+    [bad] = slices.unreadable()
+    assert bad.path == "glioma/" + "/".join(["d"] * 33) and "nested more than 32 levels deep" in bad.reason
+
+
+def test_links_out_of_the_data_folder_are_refused(tmp_path: Path) -> None:
+    root, outside = tmp_path / "site", tmp_path / "elsewhere"
+    _good(root)
+    _good(outside)
+    os.symlink(outside / "glioma" / "ok-1.png", root / "glioma" / "stolen.png")
+    os.symlink(outside / "glioma", root / "glioma" / "stolen-folder")
+    os.symlink(outside / "glioma", root / "meningioma")
+    os.symlink(root / "glioma" / "ok-0.png", root / "glioma" / "alias.png")  # inside the folder: fine
+    slices = load_site_slices(root, CLASSES, CFG)
+    assert len(slices) == 4
+    bad = {s.path: s.reason for s in slices.unreadable()}
+    assert set(bad) == {"glioma/stolen.png", "glioma/stolen-folder", "meningioma"}
+    assert all("outside the data folder" in reason for reason in bad.values())
+
+
+def test_labels_csv_rows_outside_the_data_folder_are_refused(tmp_path: Path) -> None:
+    root = tmp_path / "site"
+    _good(root)
+    _good(tmp_path / "elsewhere")
+    secret = tmp_path / "elsewhere" / "glioma" / "ok-2.png"
+    os.symlink(secret, root / "glioma" / "link.png")
+    labels = tmp_path / "labels.csv"
+    labels.write_text("file,label\nglioma/ok-0.png,glioma\n../elsewhere/glioma/ok-1.png,glioma\n"
+                      f"{secret},glioma\nglioma/link.png,glioma\n")
+    slices = load_site_slices(root, CLASSES, CFG, labels_csv=labels)
+    assert len(slices) == 1
+    bad = {s.path: s.reason for s in slices.unreadable()}
+    assert set(bad) == {"../elsewhere/glioma/ok-1.png", str(secret), "glioma/link.png"}
+    assert "labels CSV line 3 points outside the data folder" in bad["../elsewhere/glioma/ok-1.png"]
