@@ -52,6 +52,7 @@ class SiteSlices:
         classes: the federation's class names.
         skipped: files that gave no slice, with the reason.
         shapes: original (H, W) of every kept slice, before resizing.
+        files_per_patient: number of files that gave slices, per patient id.
     """
 
     images: np.ndarray = field(repr=False)
@@ -60,6 +61,7 @@ class SiteSlices:
     classes: tuple[str, ...]
     skipped: list[SkippedFile] = field(default_factory=list, repr=False)
     shapes: Counter = field(default_factory=Counter, repr=False)
+    files_per_patient: Counter = field(default_factory=Counter, repr=False)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -194,6 +196,7 @@ def load_site_slices(
     labels: list[int] = []
     patients: list[str] = []
     shapes: Counter = Counter()
+    files_per_patient: Counter = Counter()
     for entry in tqdm(entries, desc=f"loading {root.name}", unit="file", disable=not progress):
         load = _volume_slices if is_nifti_path(entry.path) else _image_slices
         try:
@@ -208,6 +211,7 @@ def load_site_slices(
         labels.extend([entry.label] * len(slices))
         patients.extend([entry.patient] * len(slices))
         shapes.update(tuple(s) for s in slice_shapes)
+        files_per_patient[entry.patient] += 1
 
     if not images:
         raise _nothing_usable(root, classes, csv_path, skipped)
@@ -220,6 +224,7 @@ def load_site_slices(
         classes=classes,
         skipped=skipped,
         shapes=shapes,
+        files_per_patient=files_per_patient,
     )
 
 

@@ -44,17 +44,24 @@ class FileEntry:
 
 
 def _patient_id(rel: str) -> str:
-    """Images: one patient per file. NIfTI: the BIDS subject when there is one, else the file."""
+    """The BIDS subject (a ``sub-XX`` folder or ``sub-XX_`` name prefix) when there is one, else the file.
+
+    The subject is the unit of privacy: the T1 and FLAIR of sub-01, or the PNG slices
+    exported from them, are one patient, not several.
+    """
     parts = Path(rel).parts
-    if not is_nifti_path(Path(rel)):
-        return str(Path(rel).with_suffix("").as_posix())
     for part in parts[:-1]:
         if part.startswith("sub-"):
             return part
     name = parts[-1]
-    stem = name[: -len(".nii.gz")] if name.lower().endswith(".gz") else name[: -len(".nii")]
+    if is_nifti_path(Path(rel)):
+        stem = name[: -len(".nii.gz")] if name.lower().endswith(".gz") else name[: -len(".nii")]
+    else:
+        stem = Path(name).stem
     match = _BIDS_SUBJECT.match(stem)
-    return match.group(1) if match else stem
+    if match:
+        return match.group(1)
+    return stem if is_nifti_path(Path(rel)) else str(Path(rel).with_suffix("").as_posix())
 
 
 def _inside(path: Path, boundary: str) -> bool:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import gzip
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import nibabel as nib
@@ -31,3 +33,24 @@ def gzip_bomb(path: Path) -> Path:
     """A header claiming 32767^3 float32 voxels (128 TiB) and no data: nibabel alone raises MemoryError."""
     raw_nifti(path, np.zeros((1, 1, 1), np.float32), dim=[3, 32767, 32767, 32767, 1, 1, 1, 1])
     return path
+
+
+@contextmanager
+def nested_folders(top: Path, depth: int, name: str = "d") -> Iterator[Path]:
+    """``top/d/d/.../d`` ``depth`` levels deep, removed afterwards.
+
+    Made and removed one level at a time: pathlib's mkdir(parents=True) and shutil.rmtree
+    (hence pytest's tmp_path cleanup) both recurse and fail beyond ~1000 levels.
+    """
+    chain = [top]
+    try:
+        for _ in range(depth):
+            chain.append(chain[-1] / name)
+            chain[-1].mkdir()
+        yield chain[-1]
+    finally:
+        for folder in reversed(chain[1:]):
+            for child in folder.iterdir():
+                if not child.is_dir() or child.is_symlink():
+                    child.unlink()
+            folder.rmdir()

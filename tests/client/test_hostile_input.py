@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from client.site_data import load_site_slices, require_readable
-from tests.hostile_files import gzip_bomb, raw_nifti
+from tests.hostile_files import gzip_bomb, nested_folders, raw_nifti
 from common.config import DataConfig
 from common.errors import SiteDataError
 
@@ -215,12 +215,9 @@ def test_fifo_is_skipped_without_being_opened(tmp_path: Path) -> None:
 
 def test_deeply_nested_folders_are_named_not_a_recursion_error(tmp_path: Path) -> None:
     _good(tmp_path)
-    deep = tmp_path / "glioma"
-    for _ in range(1100):  # one by one: pathlib's mkdir(parents=True) itself recurses
-        deep = deep / "d"
-        deep.mkdir()
-    shutil.copy(tmp_path / "glioma" / "ok-0.png", deep / "buried.png")
-    slices = load_site_slices(tmp_path, CLASSES, CFG)
+    with nested_folders(tmp_path / "glioma", 1100) as deep:
+        shutil.copy(tmp_path / "glioma" / "ok-0.png", deep / "buried.png")
+        slices = load_site_slices(tmp_path, CLASSES, CFG)
     assert len(slices) == 3
     [bad] = slices.unreadable()
     assert bad.path == "glioma/" + "/".join(["d"] * 33) and "nested more than 32 levels deep" in bad.reason
