@@ -252,3 +252,18 @@ def test_labels_csv_rows_outside_the_data_folder_are_refused(tmp_path: Path) -> 
     bad = {s.path: s.reason for s in slices.unreadable()}
     assert set(bad) == {"../elsewhere/glioma/ok-1.png", str(secret), "glioma/link.png"}
     assert "labels CSV line 3 points outside the data folder" in bad["../elsewhere/glioma/ok-1.png"]
+
+
+def test_files_of_one_subject_are_one_patient_for_sampling(tmp_path: Path) -> None:
+    """T1 and FLAIR volumes, or PNG slices exported from them, of sub-01 are one patient: one Poisson unit."""
+    _good(tmp_path)
+    for rel in ("glioma/sub-01_T1w.nii.gz", "glioma/sub-01_FLAIR.nii.gz", "glioma/sub-02/anat/sub-02_T1w.nii.gz"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        _nii(tmp_path / rel, _volume((12, 12, 2)))
+    for k in range(3):
+        shutil.copy(tmp_path / "glioma" / "ok-0.png", tmp_path / "glioma" / f"sub-03_slice-{k}.png")
+    slices = load_site_slices(tmp_path, CLASSES, CFG)
+    assert sorted(set(slices.patients)) == ["glioma/ok-0", "glioma/ok-1", "glioma/ok-2", "sub-01", "sub-02", "sub-03"]
+    assert slices.files_per_patient["sub-01"] == 2 and slices.files_per_patient["sub-03"] == 3
+    groups = {slices.patients[int(g[0])]: len(g) for g in slices.patient_index()}
+    assert groups["sub-01"] == 4 and groups["sub-03"] == 3  # two 2-slice volumes; three PNG slices
