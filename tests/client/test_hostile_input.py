@@ -267,3 +267,72 @@ def test_files_of_one_subject_are_one_patient_for_sampling(tmp_path: Path) -> No
     assert slices.files_per_patient["sub-01"] == 2 and slices.files_per_patient["sub-03"] == 3
     groups = {slices.patients[int(g[0])]: len(g) for g in slices.patient_index()}
     assert groups["sub-01"] == 4 and groups["sub-03"] == 3  # two 2-slice volumes; three PNG slices
+
+
+def test_site_check_cli_on_a_folder_of_hostile_files(tmp_path: Path) -> None:
+    """The real ``fedsynth site check`` in a subprocess: no traceback, every bad file named with its reason."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    data, outside = tmp_path / "data", tmp_path / "outside"
+    _good(data)
+    _good(outside)
+    glioma = data / "glioma"
+    _nii(glioma / "sub-01_T1w.nii.gz", _volume((12, 12, 3)))
+    _nii(glioma / "sub-01_FLAIR.nii.gz", _volume((12, 12, 3)))
+    bad = {  # file (relative to data) -> what the report must say about it
+        "glioma/zero-affine.nii": "affine is singular",
+        "glioma/nan-affine.nii.gz": "affine has NaN or infinite entries",
+        "glioma/negative-dims.nii": "must all be positive",
+        "glioma/gzip-bomb.nii.gz": "voxels, more than",
+        "glioma/complex.nii.gz": "unsupported voxel datatype complex64",
+        "glioma/nan-voxels.nii.gz": "voxels are NaN or infinite",
+        "glioma/one-pixel.nii.gz": "slices along RAS axis 2 are 30x1 pixels",
+        "glioma/one-pixel.png": "image of 30x1 pixels",
+        "glioma/pipe.png": "not a regular file",
+        "glioma/outside.png": "link to outside the data folder",
+        "glioma/[bold red]evil[/bold red.png": "not a readable image",
+        "glioma/new\\nline.nii": "not a readable NIfTI file",
+        "glioma/" + "/".join(["d"] * 33): "nested more than 32 levels deep",
+    }
+    raw_nifti(glioma / "zero-affine.nii", _volume((8, 8, 8)), sform=np.zeros((3, 4)))
+    raw_nifti(glioma / "nan-affine.nii.gz", _volume((8, 8, 8)), sform=np.full((3, 4), np.nan))
+    raw_nifti(glioma / "negative-dims.nii", _volume((8, 8, 8)), dim=[3, -8, 8, 8, 1, 1, 1, 1])
+    gzip_bomb(glioma / "gzip-bomb.nii.gz")
+    raw_nifti(glioma / "complex.nii.gz", _volume((8, 8, 8)).astype(np.complex64))
+    _nan_volume(glioma / "nan-voxels.nii.gz")
+    _nii(glioma / "one-pixel.nii.gz", _volume((1, 30, 4)))
+    Image.fromarray(np.arange(30, dtype=np.uint8).reshape(30, 1)).save(glioma / "one-pixel.png")
+    os.mkfifo(glioma / "pipe.png")
+    os.symlink(outside / "glioma" / "ok-0.png", glioma / "outside.png")
+    (glioma / "[bold red]evil[").mkdir()
+    (glioma / "[bold red]evil[" / "bold red.png").write_bytes(b"[red]not a png")
+    (glioma / "new\nline.nii").write_bytes(b"not a volume\n" * 40)
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2]), "COLUMNS": "400", "NO_COLOR": "1"}
+
+    def site_check(*extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "server.cli", "site", "check", *extra], env=env,
+                              capture_output=True, text=True, timeout=600)
+
+    with nested_folders(glioma, 1100) as deep:
+        shutil.copy(glioma / "ok-0.png", deep / "buried.png")
+        strict = site_check("--data", str(data))
+        site = tmp_path / "site.yaml"
+        site.write_text(yaml.safe_dump({"site_id": "a", "data_dir": str(data), "state_dir": str(tmp_path / "state"),
+                                        "privacy_budget": {"epsilon": 50.0, "delta": 1e-5}, "skip_bad_files": True}))
+        lenient = site_check("--config", str(site))
+
+    for run in (strict, lenient):
+        output = run.stdout + run.stderr
+        assert "Traceback" not in output and "Error:" not in output, output
+        lines = run.stdout.splitlines()
+        for name, reason in bad.items():
+            assert any(name in line and reason in line for line in lines), (name, reason, run.stdout)
+        assert "Warning: 1 patient(s) have several files" in run.stdout and "sub-01 (2 files)" in run.stdout
+    assert strict.returncode == 1, strict.stderr
+    assert f"would refuse to train: {data}: {len(bad)} unreadable file(s)" in strict.stderr
+    assert "skip_bad_files" in strict.stderr
+    assert lenient.returncode == 0, lenient.stderr
