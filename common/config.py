@@ -321,7 +321,8 @@ class _StrictLoader(yaml.SafeLoader):
                 key = (type(constructed), constructed)  # 1 and true are different keys, though equal in Python
                 if key in seen:
                     raise yaml.constructor.ConstructorError(
-                        "while constructing a mapping", node.start_mark, f"found duplicate key {_show(constructed)}", key_node.start_mark
+                        "while constructing a mapping", node.start_mark,
+                        f"found duplicate key {_show(constructed)}", key_node.start_mark,
                     )
                 seen.add(key)
         return super().construct_mapping(node, deep)
