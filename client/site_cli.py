@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -12,10 +13,16 @@ from rich.table import Table
 
 
 def _check(args: argparse.Namespace) -> int:
-    from client.site_check import check_site, print_report
+    from client.site_check import check_site, literal, print_report, training_refusals
 
-    print_report(check_site(args.data, args.config, args.federation))
-    return 0
+    slices = check_site(args.data, args.config, args.federation)
+    print_report(slices)
+    refusals = training_refusals(slices, args.data, args.config, args.federation)
+    if not args.federation:
+        print("(checked against the default federation settings; give --federation for the real ones)")
+    for reason in refusals:
+        print(f"fedsynth site check: the client would refuse to train: {literal(reason)}", file=sys.stderr)
+    return 1 if refusals else 0
 
 
 def _state_dir(args: argparse.Namespace) -> Path:

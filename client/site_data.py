@@ -36,6 +36,9 @@ __all__ = ["SiteSlices", "SkippedFile", "load_site_slices", "load_site_slices_ca
 log = logging.getLogger(__name__)
 
 SUPPORTED = ".png .jpg .jpeg .nii .nii.gz"
+# A slice narrower than this is a line or a localiser, not anatomy: resizing it to the model's
+# square would smear a few pixels into a whole training image.
+MIN_SLICE_SIDE = 4
 
 
 @dataclass
@@ -49,6 +52,7 @@ class SiteSlices:
         classes: the federation's class names.
         skipped: files that gave no slice, with the reason.
         shapes: original (H, W) of every kept slice, before resizing.
+        files_per_patient: number of files that gave slices, per patient id.
     """
 
     images: np.ndarray = field(repr=False)
@@ -57,6 +61,7 @@ class SiteSlices:
     classes: tuple[str, ...]
     skipped: list[SkippedFile] = field(default_factory=list, repr=False)
     shapes: Counter = field(default_factory=Counter, repr=False)
+    files_per_patient: Counter = field(default_factory=Counter, repr=False)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -88,11 +93,19 @@ class SiteSlices:
         return [np.asarray(groups[p], dtype=np.int64) for p in sorted(groups)]
 
 
+def _require_slice_side(shape: tuple[int, int], path: Path, what: str) -> None:
+    if min(shape) < MIN_SLICE_SIDE:
+        raise SiteDataError(
+            f"{path}: {what} {shape[0]}x{shape[1]} pixels; need at least {MIN_SLICE_SIDE}x{MIN_SLICE_SIDE}"
+        )
+
+
 def _volume_slices(path: Path, cfg: DataConfig) -> tuple[list[np.ndarray], list[tuple[int, int]]]:
     volume, spacing = load_volume(path)
-    volume = normalise_intensity(volume)  # one scale for the whole volume
     axis = cfg.slice_axis
     first, second = (a for a in range(3) if a != axis)
+    _require_slice_side((volume.shape[second], volume.shape[first]), path, f"slices along RAS axis {axis} are")
+    volume = normalise_intensity(volume)  # one scale for the whole volume
     # rot90 puts the later RAS axis on the rows (reversed, so anterior/superior is up).
     row_col_spacing = (spacing[second], spacing[first])
     slices, shapes = [], []
@@ -111,6 +124,9 @@ def _volume_slices(path: Path, cfg: DataConfig) -> tuple[list[np.ndarray], list[
 
 def _image_slices(path: Path, cfg: DataConfig) -> tuple[list[np.ndarray], list[tuple[int, int]]]:
     image = load_image(path)
+    _require_slice_side(image.shape, path, "image of")
+    if not np.isfinite(image).all():
+        raise SiteDataError(f"{path}: image has NaN or infinite pixels")
     if image.min() == image.max():
         raise SiteDataError(f"{path}: constant image, no signal")
     return [resize_to_model(normalise_intensity(image), cfg.image_size)], [image.shape]
@@ -180,6 +196,7 @@ def load_site_slices(
     labels: list[int] = []
     patients: list[str] = []
     shapes: Counter = Counter()
+    files_per_patient: Counter = Counter()
     for entry in tqdm(entries, desc=f"loading {root.name}", unit="file", disable=not progress):
         load = _volume_slices if is_nifti_path(entry.path) else _image_slices
         try:
@@ -194,6 +211,7 @@ def load_site_slices(
         labels.extend([entry.label] * len(slices))
         patients.extend([entry.patient] * len(slices))
         shapes.update(tuple(s) for s in slice_shapes)
+        files_per_patient[entry.patient] += 1
 
     if not images:
         raise _nothing_usable(root, classes, csv_path, skipped)
@@ -206,6 +224,7 @@ def load_site_slices(
         classes=classes,
         skipped=skipped,
         shapes=shapes,
+        files_per_patient=files_per_patient,
     )
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import os
 import re
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,9 @@ from common.nifti import is_nifti_path
 
 _CSV_COLUMNS = ("file", "label")
 _BIDS_SUBJECT = re.compile(r"^(sub-[^_]+)_")
+# Class folder plus a BIDS tree (sub-/ses-/anat/) is 4 levels; 32 leaves room for any export
+# layout while keeping a hostile tree from being walked forever.
+MAX_FOLDER_DEPTH = 32
 
 
 @dataclass(frozen=True)
@@ -40,40 +44,87 @@ class FileEntry:
 
 
 def _patient_id(rel: str) -> str:
-    """Images: one patient per file. NIfTI: the BIDS subject when there is one, else the file."""
+    """The BIDS subject (a ``sub-XX`` folder or ``sub-XX_`` name prefix) when there is one, else the file.
+
+    The subject is the unit of privacy: the T1 and FLAIR of sub-01, or the PNG slices
+    exported from them, are one patient, not several.
+    """
     parts = Path(rel).parts
-    if not is_nifti_path(Path(rel)):
-        return str(Path(rel).with_suffix("").as_posix())
     for part in parts[:-1]:
         if part.startswith("sub-"):
             return part
     name = parts[-1]
-    stem = name[: -len(".nii.gz")] if name.lower().endswith(".gz") else name[: -len(".nii")]
+    if is_nifti_path(Path(rel)):
+        stem = name[: -len(".nii.gz")] if name.lower().endswith(".gz") else name[: -len(".nii")]
+    else:
+        stem = Path(name).stem
     match = _BIDS_SUBJECT.match(stem)
-    return match.group(1) if match else stem
+    if match:
+        return match.group(1)
+    return stem if is_nifti_path(Path(rel)) else str(Path(rel).with_suffix("").as_posix())
+
+
+def _inside(path: Path, boundary: str) -> bool:
+    """Whether ``path``, every link resolved, lies in the folder ``boundary`` (already resolved)."""
+    try:
+        real = os.path.realpath(path)
+    except (OSError, ValueError):
+        return False
+    return real == boundary or real.startswith(boundary.rstrip(os.sep) + os.sep)
+
+
+def _not_regular(path: Path) -> str:
+    """Why ``path`` cannot be read as a file ('' when it can), without opening it: opening a FIFO blocks."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return "not found (or a broken link)"
+    except (OSError, ValueError) as err:
+        return f"cannot be examined ({getattr(err, 'strerror', None) or type(err).__name__})"
+    if stat.S_ISREG(mode):
+        return ""
+    return "a folder, not a file" if stat.S_ISDIR(mode) else "not a regular file (FIFO, socket or device); not opened"
 
 
 def walk_files(top: Path, skipped: list[SkippedFile], root: Path) -> Iterator[Path]:
-    """Non-hidden files below ``top``; linked folders are entered once, so loops end."""
+    """Regular, non-hidden files below ``top``, folder by folder in name order.
+
+    Iterative, so a folder tree thousands of levels deep cannot exhaust the stack; folders
+    more than :data:`MAX_FOLDER_DEPTH` below ``top`` are reported and not searched. Linked
+    folders are entered once, so loops end; links resolving outside ``root`` are refused, as
+    are FIFOs, sockets and devices, all without being opened.
+    """
+    boundary = os.path.realpath(root)
     seen: set[tuple[int, int]] = set()
-
-    def on_error(err: OSError) -> None:
-        skipped.append(SkippedFile(_rel(Path(err.filename or top), root), f"cannot list folder ({err.strerror})", True))
-
-    for dirpath, dirnames, filenames in os.walk(top, onerror=on_error, followlinks=True):
+    pending: list[tuple[Path, int]] = [(Path(top), 0)]
+    while pending:
+        folder, depth = pending.pop()
         try:
-            stat = os.stat(dirpath)
-        except OSError:
-            dirnames[:] = []
+            info = os.stat(folder)
+            if (info.st_dev, info.st_ino) in seen:
+                continue
+            seen.add((info.st_dev, info.st_ino))
+            with os.scandir(folder) as listing:
+                names = sorted(entry.name for entry in listing if not entry.name.startswith("."))
+        except OSError as err:
+            skipped.append(SkippedFile(_rel(folder, root), f"cannot list folder ({err.strerror})", True))
             continue
-        if (stat.st_dev, stat.st_ino) in seen:
-            dirnames[:] = []
-            continue
-        seen.add((stat.st_dev, stat.st_ino))
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in sorted(filenames):
-            if not name.startswith("."):
-                yield Path(dirpath) / name
+        subfolders: list[Path] = []
+        for name in names:
+            path = folder / name
+            if os.path.islink(path) and not _inside(path, boundary):
+                skipped.append(SkippedFile(_rel(path, root), "link to outside the data folder; refused", True))
+            elif os.path.isdir(path):
+                if depth >= MAX_FOLDER_DEPTH:
+                    reason = f"folder nested more than {MAX_FOLDER_DEPTH} levels deep; not searched"
+                    skipped.append(SkippedFile(_rel(path, root), reason, True))
+                else:
+                    subfolders.append(path)
+            elif reason := _not_regular(path):
+                skipped.append(SkippedFile(_rel(path, root), reason, _is_supported(path)))
+            else:
+                yield path
+        pending.extend((sub, depth + 1) for sub in reversed(subfolders))
 
 
 def _rel(path: Path, root: Path) -> str:
@@ -90,8 +141,12 @@ def _is_supported(path: Path) -> bool:
 def entries_from_folders(root: Path, classes: tuple[str, ...]) -> tuple[list[FileEntry], list[SkippedFile]]:
     entries: list[FileEntry] = []
     skipped: list[SkippedFile] = []
+    boundary = os.path.realpath(root)
     for child in sorted(root.iterdir()):
         if child.name.startswith("."):
+            continue
+        if child.is_symlink() and not _inside(child, boundary):
+            skipped.append(SkippedFile(child.name, "link to outside the data folder; refused", True))
             continue
         if not child.is_dir():
             skipped.append(SkippedFile(child.name, "not inside a class sub-folder"))
@@ -132,6 +187,7 @@ def entries_from_csv(
 ) -> tuple[list[FileEntry], list[SkippedFile]]:
     entries: dict[str, FileEntry] = {}
     skipped: list[SkippedFile] = []
+    boundary = os.path.realpath(root)
     for line, row in enumerate(_read_csv_rows(csv_path), start=2):
         rel, label = row["file"], row["label"]
         path = root / rel
@@ -143,8 +199,11 @@ def entries_from_csv(
             skipped.append(SkippedFile(rel, f"listed again in the labels CSV (line {line})"))
         elif not _is_supported(path):
             skipped.append(SkippedFile(rel, "not an image or NIfTI file"))
-        elif not path.is_file():
-            skipped.append(SkippedFile(rel, "listed in the labels CSV but not found", True))
+        elif not _inside(path, boundary):
+            reason = f"labels CSV line {line} points outside the data folder (absolute path, '..' or a link); refused"
+            skipped.append(SkippedFile(rel, reason, True))
+        elif reason := _not_regular(path):
+            skipped.append(SkippedFile(rel, f"listed in the labels CSV but {reason}", True))
         else:
             patient = row.get("patient_id") or _patient_id(rel)
             entries[rel] = FileEntry(path, rel, classes.index(label), patient)

@@ -17,6 +17,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
+import stat
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -269,6 +271,67 @@ class SiteConfig:
 # ----------------------------------------------------------------------------------------
 # Loading
 
+# A config file is a few dozen keys: these bounds refuse a hostile file long before it costs
+# memory, stack or screen space.
+MAX_CONFIG_BYTES = 1 << 20
+MAX_YAML_DEPTH = 32
+# Values quoted in error messages are cut here: a wrong value needs recognising, not printing whole.
+_SHOWN_CHARS = 100
+_SHOWN_REASON_CHARS = 400
+
+
+def _clip(text: str, limit: int = _SHOWN_CHARS) -> str:
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+def _show(value: Any) -> str:
+    """``repr(value)`` for an error message, at most about 100 characters."""
+    return _clip(repr(value))
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses aliases, duplicate keys and deep nesting.
+
+    Aliases are how a "billion laughs" file of a few hundred bytes becomes a structure that
+    is exponentially large once walked; no fedsynth setting needs them. A duplicate key
+    silently overriding the first is how a reviewed setting gets replaced further down.
+    """
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            raise yaml.composer.ComposerError(
+                None, None, "YAML aliases (*name) are not allowed in fedsynth config files", self.peek_event().start_mark
+            )
+        self._depth += 1
+        try:
+            if self._depth > MAX_YAML_DEPTH:
+                raise yaml.composer.ComposerError(
+                    None, None, f"nested more than {MAX_YAML_DEPTH} levels deep", self.peek_event().start_mark
+                )
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+        if isinstance(node, yaml.MappingNode):
+            seen: set[Any] = set()
+            for key_node, _value in node.value:
+                if not isinstance(key_node, yaml.ScalarNode):
+                    continue  # SafeLoader itself refuses unhashable keys
+                constructed = self.construct_object(key_node)
+                key = (type(constructed), constructed)  # 1 and true are different keys, though equal in Python
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        "while constructing a mapping", node.start_mark,
+                        f"found duplicate key {_show(constructed)}", key_node.start_mark,
+                    )
+                seen.add(key)
+        return super().construct_mapping(node, deep)
+
 
 def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
@@ -288,24 +351,24 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return tuple(_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value))
     if tp is bool:
         if not isinstance(value, bool):
-            raise _Invalid(key, f"must be true or false, got {value!r}")
+            raise _Invalid(key, f"must be true or false, got {_show(value)}")
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise _Invalid(key, f"must be an integer, got {value!r}")
+            raise _Invalid(key, f"must be an integer, got {_show(value)}")
         return value
     if tp is float:
         if isinstance(value, str):
             try:  # PyYAML reads 1e-5 (no dot) as a string
                 value = float(value)
             except ValueError:
-                raise _Invalid(key, f"must be a number, got {value!r}") from None
+                raise _Invalid(key, f"must be a number, got {_show(value)}") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise _Invalid(key, f"must be a finite number, got {value!r}")
+            raise _Invalid(key, f"must be a finite number, got {_show(value)}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
-            raise _Invalid(key, f"must be a string, got {value!r}")
+            raise _Invalid(key, f"must be a string, got {_show(value)}")
         return value
     raise TypeError(f"unsupported config annotation {tp!r}")  # a schema bug, not user error
 
@@ -334,12 +397,12 @@ def without_moved_keys(data: Any) -> Any:
 def _build(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-    moved = sorted(prefix + name for name in data if prefix + name in MOVED_KEYS)
+    moved = sorted(prefix + name for name in data if isinstance(name, str) and prefix + name in MOVED_KEYS)
     if moved:
         raise _Invalid(moved[0], MOVED_KEYS[moved[0]])
-    unknown = sorted(set(data) - set(fields))
+    unknown = sorted((k for k in data if k not in fields), key=str)
     if unknown:
-        raise _Invalid(prefix + unknown[0], f"unknown key (allowed: {', '.join(sorted(fields))})")
+        raise _Invalid(prefix + _clip(str(unknown[0])), f"unknown key (allowed: {', '.join(sorted(fields))})")
     kwargs: dict[str, Any] = {}
     for name, f in fields.items():
         if name not in data:
@@ -355,6 +418,8 @@ def _build(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
 
 def config_from_dict(cls: type[T], data: Any, source: str) -> T:
     """Build and validate ``cls`` from plain data; errors name ``source`` and the key."""
+    if data is None:
+        raise ConfigError(f"{source}: the file is empty; expected a mapping of settings")
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: the top level must be a mapping, got {type(data).__name__}")
     try:
@@ -362,20 +427,31 @@ def config_from_dict(cls: type[T], data: Any, source: str) -> T:
     except _Invalid as err:
         # A moved key's message holds no site detail: the server may be told it.
         public = f"{err.key}: {err.reason}" if err.key in MOVED_KEYS else None
-        raise ConfigError(f"{source}: {err.key}: {err.reason}", public=public) from None
+        # Validators quote values; the cut keeps a hostile one from flooding the terminal or log.
+        raise ConfigError(f"{source}: {err.key}: {_clip(err.reason, _SHOWN_REASON_CHARS)}", public=public) from None
 
 
 def read_yaml(path: Path) -> Any:
+    """Parse a config file with :class:`_StrictLoader`; every failure is a ConfigError naming the file."""
     try:
-        text = path.read_text(encoding="utf-8")
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            raise ConfigError(f"{path}: not a regular file")  # opening a FIFO would block
+        with open(path, "rb") as handle:
+            raw = handle.read(MAX_CONFIG_BYTES + 1)
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
     except OSError as err:
         raise ConfigError(f"{path}: cannot read config file ({err.strerror})") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: larger than {MAX_CONFIG_BYTES} bytes; not a fedsynth config file")
     try:
-        return yaml.safe_load(text)
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text (byte 0x{raw[err.start]:02x} at offset {err.start})") from None
+    try:
+        return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML ({err})") from None
+        raise ConfigError(f"{path}: not valid YAML ({_clip(str(err), _SHOWN_REASON_CHARS)})") from None
 
 
 def _resolve(base: Path, value: str) -> str:

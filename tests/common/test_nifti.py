@@ -11,6 +11,7 @@ import pytest
 
 from common.errors import SiteDataError
 from common.nifti import load_volume, write_nifti_slice
+from tests.hostile_files import gzip_bomb, raw_nifti
 
 REAL_NIFTI = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "nifti"
 
@@ -69,18 +70,52 @@ def test_2d_nifti_is_one_slice(tmp_path: Path, shape: tuple[int, ...]) -> None:
     np.testing.assert_array_equal(volume[:, :, 0], data.reshape(7, 9))
 
 
-def test_non_finite_voxels_become_zero(tmp_path: Path) -> None:
+def test_non_finite_voxels_reject_the_file(tmp_path: Path) -> None:
     data = _ramp((4, 5, 6))
     data[0, 0, 0], data[1, 1, 1], data[2, 2, 2] = np.nan, np.inf, -np.inf
-    volume, _ = load_volume(_save(tmp_path / "nan.nii", data))
-    assert np.isfinite(volume).all()
-    assert volume[0, 0, 0] == volume[1, 1, 1] == volume[2, 2, 2] == 0.0
+    with pytest.raises(SiteDataError, match=r"nan\.nii: 3 of 120 voxels are NaN or infinite"):
+        load_volume(_save(tmp_path / "nan.nii", data))
+    with pytest.raises(SiteDataError, match="120 of 120 voxels are NaN"):
+        load_volume(_save(tmp_path / "all-nan.nii", np.full((4, 5, 6), np.nan, dtype=np.float32)))
 
 
-@pytest.mark.parametrize("fill", [np.nan, 5.0])
-def test_volume_without_signal_is_rejected(tmp_path: Path, fill: float) -> None:
+def test_volume_without_signal_is_rejected(tmp_path: Path) -> None:
     with pytest.raises(SiteDataError, match="constant volume, no signal"):
-        load_volume(_save(tmp_path / "flat.nii", np.full((4, 5, 6), fill, dtype=np.float32)))
+        load_volume(_save(tmp_path / "flat.nii", np.full((4, 5, 6), 5.0, dtype=np.float32)))
+
+
+_RGB = np.dtype([("R", "u1"), ("G", "u1"), ("B", "u1")])
+HOSTILE_HEADERS = [
+    ("zero-affine.nii", lambda p: raw_nifti(p, _ramp((8, 8, 8)), sform=np.zeros((3, 4))), "affine is singular"),
+    ("nan-affine.nii", lambda p: raw_nifti(p, _ramp((8, 8, 8)), sform=np.full((3, 4), np.nan)), "NaN or infinite"),
+    ("parallel-axes.nii", lambda p: raw_nifti(p, _ramp((8, 8, 8)), sform=np.array([[1, 1, 0, 0], [0, 0, 0, 0], [0, 0, 1, 0.0]])),
+     "affine is singular"),
+    ("nan-pixdim.nii", lambda p: raw_nifti(p, _ramp((8, 8, 8)), qform_code=0, sform_code=0, pixdim=[1, np.nan, 1, 1, 1, 1, 1, 1]),
+     "pixdim"),
+    ("negative-dims.nii", lambda p: raw_nifti(p, _ramp((8, 8, 8)), dim=[3, -8, 8, 8, 1, 1, 1, 1]), "must all be positive"),
+    ("zero-ndim.nii", lambda p: raw_nifti(p, _ramp((8, 8, 8)), dim=[0, 8, 8, 8, 1, 1, 1, 1]), "dim[0] = 0"),
+    ("huge-dims.nii.gz", gzip_bomb, "voxels, more than"),
+    ("complex.nii", lambda p: raw_nifti(p, _ramp((8, 8, 8)).astype(np.complex64)), "unsupported voxel datatype complex64"),
+    ("rgb.nii", lambda p: raw_nifti(p, np.zeros((8, 8, 8), _RGB)), "unsupported voxel datatype"),
+    ("unknown-dtype.nii", lambda p: raw_nifti(p, _ramp((8, 8, 8)), datatype=1234), "invalid header"),
+]
+
+
+@pytest.mark.parametrize(("name", "make", "reason"), HOSTILE_HEADERS, ids=[c[0] for c in HOSTILE_HEADERS])
+def test_hostile_header_is_refused_before_reading_data(tmp_path: Path, name: str, make, reason: str) -> None:
+    path = tmp_path / name
+    make(path)
+    with pytest.raises(SiteDataError) as err:
+        load_volume(path)
+    assert str(err.value).startswith(f"{path}: ")
+    assert reason in str(err.value)
+
+
+def testgzip_bomb_is_tiny_and_refused_without_memory_error(tmp_path: Path) -> None:
+    path = gzip_bomb(tmp_path / "bomb.nii.gz")
+    assert path.stat().st_size < 100
+    with pytest.raises(SiteDataError, match=r"32767, 32767, 32767\) = 35181150961663 voxels"):
+        load_volume(path)
 
 
 def _truncated_gz(path: Path) -> Path:
