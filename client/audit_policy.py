@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from client.audit_log import read_audit
+from client.audit_log import AUDIT_FILE, read_audit
 from client.memorisation_audit import AuditRequest
 from client.policy import SitePolicy, refuse
 from common import audit_protocol as ap
@@ -82,31 +82,32 @@ def distinct_images(images: np.ndarray, near_duplicate: float = SitePolicy.audit
     return len(near_duplicate_representatives(images, near_duplicate))
 
 
-def answered_audits(state_dir: str | Path, now: float, window_s: float = SECONDS_PER_DAY,
-                    before: float = math.inf) -> int:
-    """Queries answered ``ok`` within ``window_s`` before ``now``, from the site's audit log.
-
-    Only rows dated before ``before`` count (the log of versions that kept no quota file).
-    Refused and failed queries do not count. A row dated after ``now`` counts: a clock set
-    back must not reopen the window.
-    """
-    count = 0
+def _answered_times(state_dir: str | Path) -> list[float]:
+    """When each query answered ``ok`` in the site's audit log arrived (refused and failed ones revealed nothing)."""
+    times = []
     for row in read_audit(state_dir):
         if not is_query(str(row.get("message_type", ""))) or row.get("outcome") != "ok":
             continue
         try:
-            when = float(row["time"])
+            times.append(float(row["time"]))
         except (KeyError, TypeError, ValueError):
             continue  # an unreadable line, listed by `fedsynth site audit`
-        if now - when < window_s and when < before:
-            count += 1
-    return count
+    return times
 
 
-def _quota_times(state_dir: str | Path) -> list[float]:
+def answered_audits(state_dir: str | Path, now: float, window_s: float = SECONDS_PER_DAY) -> int:
+    """Queries answered ``ok`` within ``window_s`` before ``now``, from the site's audit log.
+
+    A row dated after ``now`` counts: a clock set back must not reopen the window.
+    """
+    return sum(1 for when in _answered_times(state_dir) if now - when < window_s)
+
+
+def _quota_times(state_dir: str | Path) -> list[float] | None:
+    """The times in the quota file, or ``None`` if the site has none yet."""
     path = Path(state_dir) / QUOTA_FILE
     if not path.exists():
-        return []
+        return None
     times = []
     for line in path.read_text(encoding="utf-8").splitlines():
         try:
@@ -117,11 +118,21 @@ def _quota_times(state_dir: str | Path) -> list[float]:
 
 
 def admitted_audits(state_dir: str | Path, now: float, window_s: float = SECONDS_PER_DAY) -> int:
-    """Queries let through within ``window_s`` before ``now``: the quota file, plus the answered
-    queries the audit log holds from before the first quota line (an upgraded site's history)."""
+    """Queries let through within ``window_s`` before ``now``, from the quota file; a site that has
+    none yet (a new site, or one upgraded from a version without it) counts its answered queries."""
     times = _quota_times(state_dir)
-    recorded = sum(1 for when in times if now - when < window_s)
-    return recorded + answered_audits(state_dir, now, window_s, before=min(times, default=math.inf))
+    if times is None:
+        return answered_audits(state_dir, now, window_s)
+    return sum(1 for when in times if now - when < window_s)
+
+
+def _record_admission(state_dir: str | Path, now: float) -> None:
+    """Append ``now`` to the quota file; the file's first lines carry over the audit log's answered queries."""
+    path = Path(state_dir) / QUOTA_FILE
+    if not path.exists():
+        for when in sorted(_answered_times(state_dir)):
+            append_jsonl(path, {"time": when, "from": AUDIT_FILE})
+    append_jsonl(path, {"time": now})
 
 
 def _check_request(limits: AuditLimits, request: AuditRequest) -> AuditRequest:
@@ -167,5 +178,5 @@ def enforce_audit_policy(policy: SitePolicy | None, request: AuditRequest, state
         if admitted >= limits.audit_max_per_day:
             raise refuse(f"{admitted} audit queries admitted in the last 24 h, the policy's maximum is "
                          f"{limits.audit_max_per_day}")
-        append_jsonl(Path(state_dir) / QUOTA_FILE, {"time": now})
+        _record_admission(state_dir, now)
     return checked

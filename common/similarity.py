@@ -84,7 +84,11 @@ def near_duplicate_representatives(images: np.ndarray, bound: float) -> np.ndarr
     other) and form one group of their own. Compares every pair: ``O(N^2)``, for bounded ``N``.
     """
     rows = standardise_rows(images)
-    constant = ~np.any(rows != 0.0, axis=1)
+    flat = np.asarray(images, dtype=np.float32).reshape(len(rows), -1)
+    # Flat to float32 precision: subtracting the mean leaves rounding noise, which would standardise
+    # into a random pattern, another "distinct" image for each constant value.
+    spread = flat.max(axis=1) - flat.min(axis=1)
+    constant = spread <= 1e-5 * np.maximum(np.abs(flat).max(axis=1), 1e-30)
     similar = (rows @ rows.T) > (1.0 - bound)  # (N, N): r > 1 - bound, i.e. distance < bound
     covered = np.zeros(len(rows), dtype=bool)
     representatives = []
