@@ -9,6 +9,8 @@ and before the nearest-neighbour search, with the policy's values or, without a 
 file, the same defaults:
 
 * ``allow_audit: false`` refuses every query;
+* at most ``MAX_SYNTHETIC_IMAGES`` images of at most ``MAX_IMAGE_SIDE`` pixels a side (the
+  near-duplicate check compares every pair, so the server must not choose its cost);
 * at least ``audit_min_images`` *distinct* images, where images closer than
   ``audit_near_duplicate`` to one another count once (and the search then runs on one image
   per group, so copies weigh nothing in the counts or quantiles either);
@@ -141,6 +143,9 @@ def _check_request(limits: AuditLimits, request: AuditRequest) -> AuditRequest:
         raise refuse("memorisation audits are not allowed by the policy")
     if len(request.images) > ap.MAX_SYNTHETIC_IMAGES:
         raise refuse(f"{len(request.images)} synthetic images, more than the protocol's maximum {ap.MAX_SYNTHETIC_IMAGES}")
+    if max(request.images.shape[2:], default=0) > ap.MAX_IMAGE_SIDE:
+        raise refuse(f"synthetic images of {request.images.shape[2:]} pixels, more than the protocol's maximum "
+                     f"{ap.MAX_IMAGE_SIDE} a side")
     if len(request.thresholds) > limits.audit_max_thresholds:
         raise refuse(f"{len(request.thresholds)} thresholds, more than the policy's maximum {limits.audit_max_thresholds}")
     outside = [t for t in request.thresholds if not 0 < t <= limits.audit_max_threshold]

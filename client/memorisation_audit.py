@@ -112,7 +112,8 @@ def unpack_request(arrays: dict[str, np.ndarray], config: dict) -> AuditRequest:
                           public="malformed audit query")
     images = np.asarray(images)
     # NaN images would correlate with nothing, not even each other: free "distinct" decoys.
-    if images.ndim != 4 or not np.issubdtype(images.dtype, np.number) or not np.all(np.isfinite(images)):
+    if (images.ndim != 4 or 0 in images.shape or not np.issubdtype(images.dtype, np.number)
+            or not np.all(np.isfinite(images))):
         raise ConfigError(f"audit query images must be finite numbers of shape (N, 1, S, S), got {images.dtype} "
                           f"{images.shape}", public="malformed audit query")
     levels = config.get(ap.QUANTILE_LEVELS) or DEFAULT_QUANTILE_LEVELS

@@ -42,6 +42,9 @@ MIN_SYNTHETIC_IMAGES = 5
 # The site compares every pair of a query's images (near-duplicate merging): bounds that work,
 # about 4096^2 correlations, and the memory the server can make a site spend.
 MAX_SYNTHETIC_IMAGES = 4096
+# Images are compared at the federation's data.image_size; far larger ones could only be meant to
+# exhaust the site's memory before that check.
+MAX_IMAGE_SIDE = 512
 # No number a site reports rests on fewer than this many (patients for a count, distinct images
 # on either side of a quantile): 5 is the usual small-cell suppression level of published health
 # statistics. A site policy's `audit_min_count` may raise it.

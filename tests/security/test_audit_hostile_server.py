@@ -175,11 +175,14 @@ def _write_policy(tmp_path: Path, **values: object) -> Path:
 
 def test_too_many_or_malformed_images_are_refused(tmp_path: Path) -> None:
     big = np.zeros((ap.MAX_SYNTHETIC_IMAGES + 1, 1, 2, 2), np.float32)
-    with pytest.raises(PolicyError, match=f"4097 synthetic images, more than the protocol's maximum 4096"):
+    with pytest.raises(PolicyError, match="4097 synthetic images, more than the protocol's maximum 4096"):
         enforce_audit_policy(None, AuditRequest(big, [0.01], [0.5]), tmp_path / "state")
+    huge = np.zeros((20, 1, ap.MAX_IMAGE_SIDE + 1, 8), np.float32)
+    with pytest.raises(PolicyError, match="more than the protocol's maximum 512 a side"):
+        enforce_audit_policy(None, AuditRequest(huge, [0.01], [0.5]), tmp_path / "state")
     nan = _decoys(20)
     nan[3] = np.nan  # correlates with nothing, not even itself: it would pass for a distinct image
-    for images in (nan, _decoys(20)[:, 0]):
+    for images in (nan, _decoys(20)[:, 0], np.zeros((0, 1, 8, 8), np.float32), np.zeros((20, 1, 0, 8), np.float32)):
         with pytest.raises(ConfigError) as caught:
             unpack_request({ap.SYNTHETIC_IMAGES: images}, {ap.THRESHOLDS: [0.01]})
         assert caught.value.public == "malformed audit query"
