@@ -33,6 +33,8 @@ class AuditSummary:
     distance_quantiles: list[float]
     num_distinct: int = 0
     """Images searched: one per group of near-duplicates of the query."""
+    num_matched: int = 0
+    """Patients that are the nearest of at least one synthetic image: the quantiles' population."""
     count_floor: int = 1
     """Counts below this were sent as 0."""
 
@@ -56,6 +58,9 @@ def audit_synthetic_set(synthetic: np.ndarray, local: np.ndarray, thresholds: Se
             nearest of some synthetic image and strictly closer than the threshold.
         quantile_levels: levels of the nearest-distance quantiles to report; each must leave
             ``min_count`` images on either side (:func:`common.audit_protocol.quantile_level_range`).
+            The quantiles are over the matched patients, each at its closest synthetic image, so
+            many images near one patient weigh as one; a level without ``min_count`` patients on
+            either side is sent as ``QUANTILE_WITHHELD``.
         local_patients: patient id of each local slice; without them every slice is a patient.
         min_count: a count below this is reported as 0.
         num_received: images the server sent, before near-duplicates were merged (default ``N``).
@@ -87,8 +92,15 @@ def audit_synthetic_set(synthetic: np.ndarray, local: np.ndarray, thresholds: Se
             log.warning("memorisation audit: %d patient(s) with a slice closer than %g to a synthetic image, fewer "
                         "than the count floor %d: sent to the server as 0", matched, float(t), min_count)
         counts.append(matched if matched >= min_count else 0)
-    return AuditSummary(num_received if num_received is not None else len(synthetic), len(local), counts,
-                        distance_quantiles(distances, quantile_levels), num_distinct=len(synthetic), count_floor=min_count)
+    # Each matched patient once, at its closest synthetic image: variants of one scan, distinct
+    # images all near one patient, must not fill the quantiles with that patient's distance.
+    matched, which = np.unique(patients[nearest], return_inverse=True)
+    closest = np.full(len(matched), np.inf)
+    np.minimum.at(closest, which, distances)
+    quantiles = [distance_quantiles(closest, [q])[0] if ap.quantile_level_allowed(q, len(matched), min_count)
+                 else ap.QUANTILE_WITHHELD for q in quantile_levels]
+    return AuditSummary(num_received if num_received is not None else len(synthetic), len(local), counts, quantiles,
+                        num_distinct=len(synthetic), num_matched=len(matched), count_floor=min_count)
 
 
 @dataclass(frozen=True)

@@ -49,6 +49,9 @@ MAX_IMAGE_SIDE = 512
 # on either side of a quantile): 5 is the usual small-cell suppression level of published health
 # statistics. A site policy's `audit_min_count` may raise it.
 DEFAULT_MIN_COUNT = 5
+# A quantile the site withholds (fewer than its minimum of patients on either side); distances
+# are in [0, 2], so it cannot be mistaken for one. The server writes it to audit.json as null.
+QUANTILE_WITHHELD = -1.0
 
 
 def quantile_level_range(distinct: int, min_count: int) -> tuple[float, float]:

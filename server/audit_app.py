@@ -80,7 +80,7 @@ def _site_result(msg: Message) -> dict:
             "num_local": int(m[ap.NUM_LOCAL]), "num_synthetic": int(m[ap.NUM_SYNTHETIC]),
             "num_distinct": int(m[ap.NUM_DISTINCT]), "count_floor": int(m[ap.COUNT_FLOOR]),
             "counts_below": [int(v) for v in m[ap.COUNTS_BELOW]],
-            "distance_quantiles": [float(v) for v in m[ap.DISTANCE_QUANTILES]]}
+            "distance_quantiles": [float(v) if v != ap.QUANTILE_WITHHELD else None for v in m[ap.DISTANCE_QUANTILES]]}
 
 
 def run_memorisation_audit(grid: Grid, cfg: FedsynthConfig, images: np.ndarray, thresholds: list[float]) -> dict:

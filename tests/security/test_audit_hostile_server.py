@@ -139,6 +139,18 @@ def test_variants_spread_beyond_the_near_duplicate_bound_count_as_one_patient(tm
     assert list(reply.content.metric_records[keys.METRICS][ap.COUNTS_BELOW]) == [0]
 
 
+def test_variants_of_one_scan_do_not_fill_the_quantiles(tmp_path: Path) -> None:
+    """Twenty distinct variants of one scan: quantiles over images would all be that scan's distance
+    (about 0.035 at a member site, more elsewhere). Over matched patients, it is one value, withheld."""
+    data = write_shapes_dataset(tmp_path / "data", per_class=6, seed=1)
+    variants = _noisy(_target(tmp_path, data), 20, 0.035)
+    assert distinct_images(variants) == 20
+    reply = _ask(write_site(tmp_path / "sites", "member", data), variants, [0.05], [0.25, 0.5])
+    assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
+    metrics = reply.content.metric_records[keys.METRICS]
+    assert list(metrics[ap.DISTANCE_QUANTILES]) == [ap.QUANTILE_WITHHELD] * 2 and list(metrics[ap.COUNTS_BELOW]) == [0]
+
+
 def test_counts_are_of_patients_and_sent_only_from_the_floor_up() -> None:
     rng = np.random.default_rng(0)
     local = rng.uniform(-1, 1, (12, 1, 8, 8)).astype(np.float32)
@@ -151,6 +163,11 @@ def test_counts_are_of_patients_and_sent_only_from_the_floor_up() -> None:
     summary = audit_synthetic_set(one_slice_of_5, local, [1e-4], [0.5], local_patients=patients, num_received=40)
     assert summary.counts_below == [5] and summary.count_floor == 5
     assert (summary.num_synthetic, summary.num_distinct) == (40, 25)
+    assert summary.distance_quantiles == [ap.QUANTILE_WITHHELD]  # 6 patients: no median with 5 either side
+    many = rng.uniform(-1, 1, (30, 1, 8, 8)).astype(np.float32)  # 30 patients, one slice each
+    answered = audit_synthetic_set(np.concatenate([many[:20], decoys]), many, [1e-4], [0.25, 0.5])
+    assert answered.num_matched >= 20 and answered.distance_quantiles[1] >= 0.0
+    assert answered.distance_quantiles[0] == pytest.approx(0.0, abs=1e-5)  # over 20 copied patients of 30
 
 
 @pytest.mark.parametrize(("thresholds", "reason"), [
