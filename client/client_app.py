@@ -28,8 +28,8 @@ from client.audit_policy import enforce_audit_policy, is_query
 from client.policy import SitePolicy, check_app, load_site_policy, running_app_hash
 from client.site_data import SiteSlices, load_site_slices_cached, require_readable
 from client.training import TrainResult, train_round, validation_loss
-from client.memorisation_audit import AuditRequest, audit_synthetic_set, unpack_request
-from common import audit_protocol, keys
+from client.memorisation_audit import AuditRequest, answer_audit, unpack_request
+from common import keys
 from common.config import FedsynthConfig, SiteConfig, config_from_dict, load_site_config
 from common.errors import ConfigError, FedsynthError, PolicyError, PrivacyBudgetError, SiteDataError
 from common.transfer import encode_update
@@ -114,8 +114,7 @@ def _check_policy(msg: Message, policy: SitePolicy | None, site: SiteConfig, arr
     if not is_query(record.message_type):
         return None
     request = unpack_request(arrays, dict(msg.content[keys.CONFIG].items()))
-    enforce_audit_policy(policy, request, site.state_dir)
-    return request
+    return enforce_audit_policy(policy, request, site.state_dir)
 
 
 def _error_reply(msg: Message, err: Exception) -> tuple[Message, str]:
@@ -209,18 +208,13 @@ def evaluate(msg: Message, task: SiteTask) -> Message:
 def query(msg: Message, task: SiteTask) -> Message:
     """Memorisation audit: how close the server's synthetic images come to this site's slices.
 
-    Only aggregates leave the site: counts below each threshold and distance quantiles.
+    Only aggregates leave the site: patients below each threshold (fewer than the policy's
+    ``audit_min_count`` sent as 0) and distance quantiles.
     """
     if task.audit is None:
         raise ConfigError("query task without an audit request", public="malformed audit query")
-    summary = audit_synthetic_set(task.audit.images, task.slices.images, task.audit.thresholds, task.audit.quantile_levels)
-    metrics = MetricRecord({
-        audit_protocol.NUM_SYNTHETIC: summary.num_synthetic,
-        audit_protocol.NUM_LOCAL: summary.num_local,
-        audit_protocol.COUNTS_BELOW: summary.counts_below,
-        audit_protocol.DISTANCE_QUANTILES: summary.distance_quantiles,
-    })
+    summary = answer_audit(task.audit, task.slices.images, task.slices.patients)
     return Message(content=RecordDict({
-        keys.METRICS: metrics,
+        keys.METRICS: MetricRecord(summary.metrics()),
         keys.SITE: ConfigRecord({keys.SITE_ID: task.site.site_id}),
     }), reply_to=msg)

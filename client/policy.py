@@ -13,8 +13,10 @@ config names in turn, so only the hospital can change it. Every task is checked 
   never raise it;
 * query, the memorisation audit (``client/audit_policy.py``): the server chooses the
   images it sends, so it could use the audit as a membership oracle; the ``audit_*``
-  fields switch it off, demand enough *distinct* images, bound the thresholds and quantile
-  levels per query and the queries answered per 24 h.
+  fields switch it off, demand enough *distinct* images (near-copies count once), bound
+  the thresholds and quantile levels per query, suppress counts of fewer than
+  ``audit_min_count`` patients and limit the queries answered per 24 h. Without a policy
+  file the same defaults apply.
 
 Example policy file::
 
@@ -27,9 +29,12 @@ Example policy file::
       - 3f1c...e9   # output of `fedsynth site app-hash PATH` on the reviewed code
     allow_audit: true           # false: every memorisation-audit query is refused
     audit_min_images: 20        # distinct synthetic images per query, at least
+    audit_near_duplicate: 0.05  # images closer than this (Pearson distance) count as one
     audit_max_thresholds: 8
+    audit_max_threshold: 0.1    # thresholds in (0, this]: counts are about near-copies
     audit_max_quantile_levels: 8
-    audit_max_per_day: 10       # queries answered in any 24 h, from the site's audit log
+    audit_min_count: 5          # counts below this are sent as 0; quantiles need this many each side
+    audit_max_per_day: 10       # queries let through in any 24 h, from the site's audit quota file
 """
 
 from __future__ import annotations
@@ -62,6 +67,9 @@ class SitePolicy:
     audit_max_thresholds: int = 8
     audit_max_quantile_levels: int = 8
     audit_max_per_day: int = 10
+    audit_near_duplicate: float = 0.05
+    audit_max_threshold: float = 0.1
+    audit_min_count: int = audit_protocol.DEFAULT_MIN_COUNT
 
     def __post_init__(self) -> None:
         require(0 < self.max_epsilon <= 100, "max_epsilon", f"must be in (0, 100], got {self.max_epsilon}")
@@ -79,6 +87,13 @@ class SitePolicy:
                 f"must be >= 1, got {self.audit_max_quantile_levels}")
         require(self.audit_max_per_day >= 1, "audit_max_per_day",
                 f"must be >= 1 (use allow_audit: false to refuse every audit), got {self.audit_max_per_day}")
+        # 0.5 (r < 0.5) would merge images that merely look alike; 0 would merge nothing, not even copies.
+        require(0 < self.audit_near_duplicate <= 0.5, "audit_near_duplicate",
+                f"must be in (0, 0.5], got {self.audit_near_duplicate}")
+        require(0 < self.audit_max_threshold <= 2, "audit_max_threshold",
+                f"must be in (0, 2] (a Pearson distance), got {self.audit_max_threshold}")
+        require(self.audit_min_count >= 1, "audit_min_count",
+                f"must be >= 1 (1 reports every count as it is), got {self.audit_min_count}")
 
 
 def load_site_policy(path: str | Path) -> SitePolicy:

@@ -75,6 +75,31 @@ def nearest_pearson(
     return index, np.clip(distance, 0.0, 2.0)
 
 
+def near_duplicate_representatives(images: np.ndarray, bound: float) -> np.ndarray:
+    """Indices of one image per group of near-duplicates, in order, pairwise at least ``bound`` apart.
+
+    Greedy: an image closer than ``bound`` (Pearson distance) to an earlier representative joins
+    it, otherwise it becomes one. Brightness and contrast changes are distance 0, so they merge
+    too. Constant images have no pattern to correlate (distance 1 to everything, also to each
+    other) and form one group of their own. Compares every pair: ``O(N^2)``, for bounded ``N``.
+    """
+    rows = standardise_rows(images)
+    flat = np.asarray(images, dtype=np.float32).reshape(len(rows), -1)
+    # Flat to float32 precision: subtracting the mean leaves rounding noise, which would standardise
+    # into a random pattern, another "distinct" image for each constant value.
+    spread = flat.max(axis=1) - flat.min(axis=1)
+    constant = spread <= 1e-5 * np.maximum(np.abs(flat).max(axis=1), 1e-30)
+    similar = (rows @ rows.T) > (1.0 - bound)  # (N, N): r > 1 - bound, i.e. distance < bound
+    covered = np.zeros(len(rows), dtype=bool)
+    representatives = []
+    for i in range(len(rows)):
+        if covered[i]:
+            continue
+        representatives.append(i)
+        covered |= constant if constant[i] else similar[i]
+    return np.asarray(representatives, dtype=np.int64)
+
+
 def count_below(distances: np.ndarray, thresholds: Sequence[float]) -> list[int]:
     """How many distances are strictly below each threshold."""
     d = np.asarray(distances, dtype=np.float64)

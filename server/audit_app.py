@@ -2,9 +2,10 @@
 
 The server sends the synthetic set to every connected site as a query message; each site
 compares it with its own slices (``client/memorisation_audit.py``) and returns counts and
-quantiles only. The result, ``audit.json``, says per site how many synthetic images are
-closer than each threshold to one of that site's slices; a site with any image below the
-*first* threshold is flagged.
+quantiles only. The result, ``audit.json``, says per site how many of its patients have a
+slice closer than each threshold to a synthetic image (a site sends a count below its
+``count_floor``, 5 by default, as 0, so a single copied patient is seen at the site, not
+here); a site with a count above 0 at the *first* threshold is flagged.
 
 Start it like a training run, with ``mode="audit"`` and the synthetic set's folder::
 
@@ -55,11 +56,20 @@ def _wait_for_nodes(grid: Grid, wanted: int, timeout_s: float) -> list[int]:
         time.sleep(1.0)
 
 
-def _query(cfg: FedsynthConfig, images: np.ndarray, thresholds: list[float]) -> RecordDict:
+def quantile_levels_for(images: np.ndarray) -> list[float]:
+    """The default levels a site with the default policy answers for this set.
+
+    A site refuses a level whose quantile rests on fewer than its ``audit_min_count`` images
+    on either side, so the 1% and 5% quantiles need sets of 401 and 81 distinct images.
+    """
+    return ap.answerable_levels(DEFAULT_QUANTILE_LEVELS, len(images))
+
+
+def _query(cfg: FedsynthConfig, images: np.ndarray, thresholds: list[float], levels: list[float]) -> RecordDict:
     return RecordDict({
         keys.ARRAYS: ArrayRecord(array_dict={ap.SYNTHETIC_IMAGES: Array(np.ascontiguousarray(images, dtype=np.float32))}),
         keys.CONFIG: ConfigRecord({keys.FEDERATION_CONFIG: config_to_json(cfg), ap.THRESHOLDS: thresholds,
-                                   ap.QUANTILE_LEVELS: list(DEFAULT_QUANTILE_LEVELS)}),
+                                   ap.QUANTILE_LEVELS: levels}),
     })
 
 
@@ -68,14 +78,19 @@ def _site_result(msg: Message) -> dict:
     m = msg.content.metric_records[keys.METRICS]
     return {"site_id": str(site[keys.SITE_ID]) if site is not None else f"node-{msg.metadata.src_node_id}",
             "num_local": int(m[ap.NUM_LOCAL]), "num_synthetic": int(m[ap.NUM_SYNTHETIC]),
+            "num_distinct": int(m[ap.NUM_DISTINCT]), "count_floor": int(m[ap.COUNT_FLOOR]),
             "counts_below": [int(v) for v in m[ap.COUNTS_BELOW]],
-            "distance_quantiles": [float(v) for v in m[ap.DISTANCE_QUANTILES]]}
+            "distance_quantiles": [float(v) if v != ap.QUANTILE_WITHHELD else None for v in m[ap.DISTANCE_QUANTILES]]}
 
 
 def run_memorisation_audit(grid: Grid, cfg: FedsynthConfig, images: np.ndarray, thresholds: list[float]) -> dict:
     """Query every connected site with ``images`` (``(N, 1, S, S)``); returns the audit.json content."""
+    if not ap.MIN_SYNTHETIC_IMAGES <= len(images) <= ap.MAX_SYNTHETIC_IMAGES:
+        raise ConfigError(f"the memorisation audit takes {ap.MIN_SYNTHETIC_IMAGES} to {ap.MAX_SYNTHETIC_IMAGES} "
+                          f"synthetic images, the set has {len(images)}")
+    levels = quantile_levels_for(images)
     nodes = _wait_for_nodes(grid, cfg.federation.min_available_nodes, cfg.federation.round_timeout_s)
-    content = _query(cfg, images, thresholds)
+    content = _query(cfg, images, thresholds, levels)
     messages = [Message(content=content, message_type=MessageType.QUERY, dst_node_id=n, group_id="audit") for n in nodes]
     replies = list(grid.send_and_receive(messages, timeout=cfg.federation.round_timeout_s))
     sites, failures = [], []
@@ -88,7 +103,7 @@ def run_memorisation_audit(grid: Grid, cfg: FedsynthConfig, images: np.ndarray, 
         sites.append(result)
     sites.sort(key=lambda s: s["site_id"])
     return {"num_synthetic": int(len(images)), "image_size": int(images.shape[-1]), "thresholds": thresholds,
-            "flag_threshold": thresholds[0], "quantile_levels": list(DEFAULT_QUANTILE_LEVELS),
+            "flag_threshold": thresholds[0], "quantile_levels": levels,
             "distance": "pearson (1 - r), nearest over all of each site's slices",
             "sites_queried": len(nodes), "sites": sites, "failures": failures,
             "flagged_sites": [s["site_id"] for s in sites if s["flagged"]], "time": time.time()}

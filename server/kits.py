@@ -7,7 +7,7 @@
     server/                         server kit: ca.pem, server.pem, server.key,
                                     site-keys/<site>.pub, start-superlink.sh, register-sites.sh
     sites/<site>/                   site kit: ca.pem, supernode.key, supernode.pub,
-                                    site.yaml, start-supernode.sh
+                                    site.yaml, site-policy.yaml, start-supernode.sh
 
 A site kit holds only its own private key; the server kit holds public keys only. Private
 keys are 0600 in 0700 folders. Every write is atomic, and a key file that already exists
@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
 from common import keys
+from client.policy import SitePolicy, running_app_hash
 from common.config import SiteConfig, config_from_dict
 from common.errors import FedsynthError
 from common.fileio import write_bytes_atomic
@@ -38,10 +39,11 @@ REGISTER_SITES = "register-sites.sh"
 NODE_KEY = "supernode.key"
 NODE_PUB = "supernode.pub"
 SITE_CONFIG = "site.yaml"
+SITE_POLICY = "site-policy.yaml"
 START_SUPERNODE = "start-supernode.sh"
 
 SERVER_KIT_FILES = (CA_CERT, SERVER_CERT, SERVER_KEY, START_SUPERLINK, REGISTER_SITES)
-SITE_KIT_FILES = (CA_CERT, NODE_KEY, NODE_PUB, SITE_CONFIG, START_SUPERNODE)
+SITE_KIT_FILES = (CA_CERT, NODE_KEY, NODE_PUB, SITE_CONFIG, SITE_POLICY, START_SUPERNODE)
 
 # Where the images and manifests in deploy/ mount things; the site.yaml template points there.
 CONTAINER_KIT = "/etc/fedsynth/kit"
@@ -104,6 +106,8 @@ class KitSettings:
     port: int
     epsilon: float
     delta: float
+    # the fedsynth code that makes the kits: the default policy's one approved app
+    app_hash: str = field(default_factory=running_app_hash)
 
 
 def _write(path: Path, data: bytes, mode: int, overwrite: bool = False) -> None:
@@ -144,6 +148,7 @@ def write_site_kit(layout: Layout, site: str, ca_pem: bytes, private_key: bytes,
     _write(kit / NODE_PUB, public_key, PUBLIC)
     _write(kit / CA_CERT, ca_pem, PUBLIC)
     _write(kit / SITE_CONFIG, render_site_config(site, settings).encode(), PUBLIC)
+    _write(kit / SITE_POLICY, render_site_policy(site, settings).encode(), PUBLIC)
     _write(kit / START_SUPERNODE, render_start_supernode(settings).encode(), SCRIPT)
     _write(layout.registered_key(site), public_key, PUBLIC)
 
@@ -174,9 +179,54 @@ privacy_budget:                      # total over every DP step this site ever t
   epsilon: {settings.epsilon!r}
   delta: {settings.delta:.1e}
 allow_non_private: false             # refuse federations that ask for training without DP
+policy_file: {SITE_POLICY}        # limits the coordinator cannot loosen: review it before joining
 """
     # The template must always load: a kit that fails on the hospital's first start is worse than no kit.
     config_from_dict(SiteConfig, yaml.safe_load(text), f"site.yaml template of {site}")
+    return text
+
+
+def render_site_policy(site: str, settings: KitSettings) -> str:
+    """The kit's site policy: the code's own defaults, written out with what each one does.
+
+    ``approved_apps`` names the code that made the kit, not ``any``: the site then runs the
+    fedsynth version it was provisioned for and refuses changed code until its admin approves
+    it, instead of running whatever app a coordinator sends. An empty list would refuse every
+    task until the admin edits the file, which a kit must not do on its first start.
+    """
+    p = SitePolicy(max_epsilon=settings.epsilon, max_delta=settings.delta, approved_apps=(settings.app_hash,))
+    rows = [
+        (f"max_epsilon: {p.max_epsilon!r}", "never spend more privacy than this, whatever site.yaml or the server say"),
+        (f"max_delta: {p.max_delta:.1e}", ""),
+        (f"min_noise_multiplier: {p.min_noise_multiplier!r}", "refuse DP-SGD with less noise than this"),
+        (f"max_grad_norm: {p.max_grad_norm!r}", "refuse a larger clipping norm"),
+        (f"min_patients: {p.min_patients}", "refuse to train with fewer training patients than this"),
+        ("approved_apps:", "the only app code this site runs, for every task type"),
+        (f"  - {settings.app_hash}", ""),
+        ("  # ^ the fedsynth code `fedsynth provision` ran from. Replace it with the hash of the code you\n"
+         "  #   reviewed (`fedsynth site app-hash PATH`); add a new version's hash once you reviewed it.\n"
+         "  #   `any` would run whatever code the coordinator sends.", ""),
+        ("# The memorisation audit (query tasks): the coordinator chooses the images it sends, so it can\n"
+         "# ask about one chosen scan. These bound what an answer reveals; see \"What the memorisation\n"
+         "# audit reveals\" in docs/site-admin.md.", ""),
+        (f"allow_audit: {str(p.allow_audit).lower()}", "false: refuse every audit query"),
+        (f"audit_min_images: {p.audit_min_images}", "distinct synthetic images per query, at least"),
+        (f"audit_near_duplicate: {p.audit_near_duplicate!r}", "images closer than this to one another (Pearson distance) count once"),
+        (f"audit_max_thresholds: {p.audit_max_thresholds}", "distance thresholds per query, at most"),
+        (f"audit_max_threshold: {p.audit_max_threshold!r}", "every threshold in (0, this]: counts are about near-copies"),
+        (f"audit_max_quantile_levels: {p.audit_max_quantile_levels}", "quantile levels per query, at most"),
+        (f"audit_min_count: {p.audit_min_count}", "counts of fewer patients are sent as 0; each quantile needs this many images either side"),
+        (f"audit_max_per_day: {p.audit_max_per_day}", "audit queries let through in any 24 hours, at most"),
+    ]
+    text = f"""\
+# fedsynth site policy of {site}: limits the coordinator cannot loosen, checked before any of this
+# site's data is read (docs/site-admin.md). Written by `fedsynth provision` with the defaults
+# that also apply without a policy file; review every value, and approved_apps above all.
+""" + "".join(f"{value:<30} # {comment}\n" if comment else f"{value}\n" for value, comment in rows)
+    # Like the site config: the template must load, with exactly the values shown.
+    loaded = config_from_dict(SitePolicy, yaml.safe_load(text), f"{SITE_POLICY} template of {site}")
+    if loaded != p:
+        raise ProvisionError(f"{SITE_POLICY} template of {site} does not load as written; this is a bug")
     return text
 
 

@@ -50,7 +50,7 @@ def _query(fed_json: str, distinct: int, copies: int = 0, thresholds: tuple[floa
     unique = np.random.default_rng(distinct).uniform(-1, 1, (distinct, 1, 16, 16)).astype(np.float32)
     images = np.concatenate([unique, np.repeat(unique[:1], copies, axis=0)])
     return _message(MessageType.QUERY, fed_json, {ap.SYNTHETIC_IMAGES: images},
-                    **{ap.THRESHOLDS: list(thresholds), ap.QUANTILE_LEVELS: [0.01, 0.5]})
+                    **{ap.THRESHOLDS: list(thresholds), ap.QUANTILE_LEVELS: [0.25, 0.5]})
 
 
 def _outcomes(site_yaml: Path) -> list[tuple[str, str]]:
@@ -95,26 +95,32 @@ def test_audit_queries_are_limited_by_the_policy_and_logged(tmp_path: Path) -> N
     # 4 decoys + 1 candidate padded to 25 images with copies: refused before any search runs.
     padded = app(_query(fed_json, 5, copies=20), context)
     assert padded.has_error() and padded.error.code == keys.ERROR_POLICY
-    assert padded.error.reason == "site policy refuses the task: 5 distinct synthetic images, fewer than the policy's minimum 20"
+    assert padded.error.reason == ("site policy refuses the task: 5 distinct synthetic images, fewer than the policy's "
+                                   "minimum 20 (images closer than 0.05 to one another count once)")
 
     answered = app(_query(fed_json, 20), context)
     assert not answered.has_error()
     metrics = answered.content.metric_records[keys.METRICS]
     assert metrics[ap.NUM_SYNTHETIC] == 20 and metrics[ap.NUM_LOCAL] == 12 and len(metrics[ap.COUNTS_BELOW]) == 2
+    assert metrics[ap.NUM_DISTINCT] == 20 and metrics[ap.COUNT_FLOOR] == 5
 
     # The day's one answered query is counted from the audit log the ClientApp itself wrote.
     again = app(_query(fed_json, 20), context)
     assert again.has_error()
-    assert again.error.reason == "site policy refuses the task: 1 audit queries answered in the last 24 h, the policy's maximum is 1"
+    assert again.error.reason == "site policy refuses the task: 1 audit queries admitted in the last 24 h, the policy's maximum is 1"
 
     assert _outcomes(site_yaml) == [("query", f"refused: {padded.error.reason}"), ("query", "ok"),
                                     ("query", f"refused: {again.error.reason}")]
 
 
-def test_without_a_policy_file_a_small_audit_is_answered_as_before(tmp_path: Path) -> None:
+def test_without_a_policy_file_the_policy_defaults_apply(tmp_path: Path) -> None:
     site_yaml = write_site(tmp_path / "sites", "site-a", write_shapes_dataset(tmp_path / "data", per_class=6))
     context = _context(site_yaml)
-    for _ in range(3):  # no rate limit either
-        reply = app(_query(_fed_json(tmp_path), ap.MIN_SYNTHETIC_IMAGES, thresholds=tuple(0.01 * i for i in range(1, 13))), context)
-        assert not reply.has_error()
-        assert reply.content.metric_records[keys.METRICS][ap.NUM_SYNTHETIC] == ap.MIN_SYNTHETIC_IMAGES
+    small = app(_query(_fed_json(tmp_path), ap.MIN_SYNTHETIC_IMAGES), context)
+    assert small.has_error() and small.error.reason.startswith(
+        "site policy refuses the task: 5 distinct synthetic images, fewer than the policy's minimum 20")
+    probing = app(_query(_fed_json(tmp_path), 20, thresholds=tuple(0.01 * i for i in range(1, 13))), context)
+    assert probing.error.reason == "site policy refuses the task: 12 thresholds, more than the policy's maximum 8"
+    answered = app(_query(_fed_json(tmp_path), 20), context)
+    assert not answered.has_error()
+    assert answered.content.metric_records[keys.METRICS][ap.NUM_SYNTHETIC] == 20

@@ -97,10 +97,13 @@ def cli(*args: str, timeout_s: float = 120) -> subprocess.CompletedProcess:
 
 
 def configure_site(kit: Path, data: Path, state: Path) -> None:
-    """What a hospital admin does with the kit: point site.yaml at the scans and the state folder."""
+    """What a hospital admin does with the kit: point site.yaml at the scans and the state folder, set the budget."""
     site = yaml.safe_load((kit / "site.yaml").read_text())
     site.update(data_dir=str(data), state_dir=str(state), privacy_budget={"epsilon": 50.0, "delta": 1e-5})
     (kit / "site.yaml").write_text(yaml.safe_dump(site))
+    policy = yaml.safe_load((kit / "site-policy.yaml").read_text())  # the kit's policy caps epsilon too
+    policy.update(max_epsilon=50.0)
+    (kit / "site-policy.yaml").write_text(yaml.safe_dump(policy))
 
 
 @pytest.fixture(scope="module")

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import json
 import stat
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -15,7 +17,11 @@ from cryptography.hazmat.primitives.serialization import load_ssh_private_key, l
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from flwr.cli.supernode.register import try_load_public_key
 
+from client.audit_policy import enforce_audit_policy
+from client.memorisation_audit import AuditRequest
+from client.policy import SitePolicy, check_app, load_site_policy, running_app_hash
 from common.config import load_site_config
+from common.errors import PolicyError
 from server import kits
 from server.cli import main
 from server.provision import ProvisionError, ProvisionRequest, provision
@@ -100,6 +106,23 @@ def test_site_config_template_loads_with_the_sites_budget(provisioned: kits.Layo
     assert not site.allow_non_private
     script = (provisioned.site_dir("hospital-b") / kits.START_SUPERNODE).read_text()
     assert "fl.example.org:9093" in script
+
+
+def test_site_kit_names_a_default_policy_that_loads_and_bounds_the_audit(provisioned: kits.Layout) -> None:
+    kit = provisioned.site_dir("hospital-b")
+    site = load_site_config(kit / kits.SITE_CONFIG)
+    assert site.policy_file == str((kit / kits.SITE_POLICY).resolve())
+    policy = load_site_policy(site.policy_file)
+    # The code's defaults, the kit's budget, and the code that made the kit as the one approved app.
+    assert policy == SitePolicy(max_epsilon=6.5, max_delta=1e-5, approved_apps=(running_app_hash(),))
+    check_app(policy, running_app_hash())
+    text = (kit / kits.SITE_POLICY).read_text()
+    for name in (f.name for f in dataclasses.fields(SitePolicy)):  # every field written out, each with a comment
+        line = next(line for line in text.splitlines() if line.startswith(f"{name}:"))
+        assert "#" in line or name == "max_delta", line
+    probe = AuditRequest(np.random.default_rng(0).uniform(-1, 1, (20, 1, 8, 8)).astype(np.float32), [1e-6], [0.0])
+    with pytest.raises(PolicyError, match="quantile level 0 rests on fewer than 5"):
+        enforce_audit_policy(policy, probe, kit / "state")
 
 
 def test_rerun_refuses_and_changes_nothing(provisioned: kits.Layout) -> None:

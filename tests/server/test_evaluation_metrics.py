@@ -129,8 +129,9 @@ def test_memorisation_flags_copies_and_not_fresh_images(real_sets: tuple[ImageSe
 def test_site_audit_counts_only_the_planted_copy(real_sets: tuple[ImageSet, ImageSet]) -> None:
     train, _ = real_sets
     synthetic = np.concatenate([_noise(7, seed=5).images, train.images[11:12]])
-    summary = audit_synthetic_set(synthetic, train.images, [1e-4, 0.5, 2.0], [0.0, 0.5])
-    assert summary.counts_below == [1, 1, 8]
+    summary = audit_synthetic_set(synthetic, train.images, [1e-4, 0.5], [0.0, 0.5], min_count=1)
+    assert summary.counts_below == [1, 1]
+    assert audit_synthetic_set(synthetic, train.images, [1e-4], [], min_count=2).counts_below == [0]  # below the floor
     assert summary.distance_quantiles[0] == pytest.approx(0.0, abs=1e-5)
     assert (summary.num_synthetic, summary.num_local) == (8, len(train))
     with pytest.raises(ConfigError, match="at least 5 synthetic images"):
