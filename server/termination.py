@@ -17,9 +17,10 @@ from types import FrameType
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
-class Terminated(BaseException):
-    """A stop signal arrived. A ``BaseException``, like ``KeyboardInterrupt``, so that no
-    ``except Exception`` on the way takes it for an ordinary error and carries on."""
+class Terminated(KeyboardInterrupt):
+    """A stop signal arrived. A ``KeyboardInterrupt``: no ``except Exception`` on the way takes
+    it for an ordinary error and carries on, and code that already handles Ctrl-C (``fedsynth
+    run`` stops its remote run) handles SIGTERM and SIGHUP the same way."""
 
     def __init__(self, signum: int) -> None:
         self.signum = signum
