@@ -13,7 +13,7 @@ from typing import Any, BinaryIO
 # log) is never world-writable, even when the process runs under umask 000. A stricter umask
 # still applies, so an administrator's tighter choice is kept.
 DIR_MODE = 0o750
-# New files are created 0600 whatever the umask (``mkstemp`` does so for the atomic writes).
+# New files: 0600 (a umask can only take bits away; ``mkstemp`` does the same for atomic writes).
 FILE_MODE = 0o600
 
 
