@@ -21,6 +21,7 @@ import torch
 from common.config import FedsynthConfig, config_from_dict, config_to_dict, without_moved_keys
 from common.errors import CheckpointError, ConfigError
 from common.fileio import write_bytes_atomic
+from common.model import trainable_shapes
 
 FORMAT = "fedsynth-checkpoint"
 VERSION = 1
@@ -68,18 +69,51 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         raise CheckpointError(f"{path}: checkpoint version {payload.get('version')} is not supported (expected {VERSION})")
     try:
         config = config_from_dict(FedsynthConfig, without_moved_keys(payload["config"]), f"{path} (embedded config)")
+        arrays = _checked_arrays(path, payload["arrays"], config)
         meta = payload["metadata"]
         return Checkpoint(
             config=config,
-            arrays={k: v.numpy() for k, v in payload["arrays"].items()},
+            arrays=arrays,
             rounds_completed=int(meta["rounds_completed"]),
             sites=dict(meta.get("sites", {})),
             created=float(meta.get("created", 0.0)),
         )
-    except (KeyError, TypeError, AttributeError) as err:
+    except KeyError as err:
         raise CheckpointError(f"{path}: checkpoint is missing {err}") from None
+    except (TypeError, ValueError, AttributeError) as err:
+        raise CheckpointError(f"{path}: checkpoint metadata is malformed ({err})") from None
     except ConfigError as err:
         raise CheckpointError(str(err)) from None
+
+
+def _checked_arrays(path: Path, arrays: Any, config: FedsynthConfig) -> dict[str, np.ndarray]:
+    """The weights as numpy arrays, once they are known to fit the model the embedded config describes.
+
+    Checked against shapes measured without building the model, so neither a huge config
+    nor a mismatched array gets as far as allocating or loading a UNet.
+    """
+    if not isinstance(arrays, dict):
+        raise CheckpointError(f"{path}: 'arrays' is a {type(arrays).__name__}, not a mapping of parameter names to tensors")
+    try:
+        expected = trainable_shapes(config.model)
+    except ValueError as err:
+        raise CheckpointError(f"{path} (embedded config): {err}") from None
+    missing = sorted(set(expected) - set(arrays))
+    extra = sorted(str(k) for k in set(arrays) - set(expected))
+    if missing or extra:
+        raise CheckpointError(f"{path}: the weights do not fit the model its config describes: {len(missing)} missing "
+                              f"(e.g. {missing[:3]}), {len(extra)} unexpected (e.g. {extra[:3]})")
+    for name, shape in expected.items():
+        value = arrays[name]
+        if not isinstance(value, torch.Tensor) or value.layout != torch.strided:
+            raise CheckpointError(f"{path}: array {name!r} is a {type(value).__name__}, not a dense tensor")
+        if value.dtype != torch.float32:
+            raise CheckpointError(f"{path}: array {name!r} is {value.dtype}, expected torch.float32 (what fedsynth writes)")
+        if tuple(value.shape) != shape:
+            raise CheckpointError(f"{path}: array {name!r} has shape {tuple(value.shape)}, the model expects {shape}")
+        if not bool(torch.isfinite(value).all()):
+            raise CheckpointError(f"{path}: array {name!r} holds NaN or infinite values (a diverged or damaged model)")
+    return {name: arrays[name].numpy() for name in expected}
 
 
 def round_checkpoint_path(checkpoint_dir: str | Path, server_round: int) -> Path:
@@ -122,7 +156,16 @@ def check_output_dir(cfg: FedsynthConfig) -> Checkpoint | None:
                 "federation.resume: true to continue that run, or choose another federation.output_dir"
             )
         return None
-    ckpt = latest_checkpoint(cfg.federation.checkpoint_dir)
-    if ckpt is not None and ckpt.config.model != cfg.model:
+    if not existing:
+        return None
+    # The newest round only: skipping a bad one would train on from an older round and then
+    # write over the file the user has not yet looked at.
+    newest = existing[-1][1]
+    try:
+        ckpt = load_checkpoint(newest)
+    except CheckpointError as err:
+        raise CheckpointError(f"cannot resume: {err}. Move {newest.name} out of {cfg.federation.checkpoint_dir} "
+                              "to resume from the round before it.") from None
+    if ckpt.config.model != cfg.model:
         raise ConfigError(f"{cfg.federation.checkpoint_dir}: cannot resume, the checkpoint's model settings differ from the config's")
     return ckpt

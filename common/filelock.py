@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from common.errors import SiteDataError
+from common.fileio import make_dirs
 
 
 @contextmanager
@@ -28,7 +29,7 @@ def exclusive_lock(path: str | Path, timeout_s: float = 120.0, poll_s: float = 0
         SiteDataError: the lock was not acquired within ``timeout_s`` (another task holds it).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_dirs(path.parent)  # often the site's state folder, made here first: never world-writable
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     try:
         deadline = time.monotonic() + timeout_s

@@ -33,6 +33,45 @@ def build_unet(cfg: ModelConfig) -> DiffusionModelUNet:
     )
 
 
+# What a checkpoint's embedded config may ask the server to build. The parameter cap (4 GB of
+# float32) is far above any model fedsynth trains; the structural caps keep counting cheap,
+# since the count builds the module tree (without memory) and that is linear in levels and blocks.
+MAX_PARAMETERS = 1_000_000_000
+MAX_LEVELS = 16
+MAX_RES_BLOCKS = 16
+MAX_CHANNELS = 65536
+MAX_CLASSES = 100_000
+
+
+def trainable_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of the trainable parameters of ``build_unet(cfg)``, without allocating them.
+
+    The model is built on PyTorch's ``meta`` device, so a config asking for billions of
+    parameters is measured, and refused, before any memory is spent on it.
+
+    Raises:
+        ValueError: the config asks for a model beyond the caps above; the message names the setting.
+    """
+    caps = [(len(cfg.channels), MAX_LEVELS, "channels", "levels"),
+            (max(cfg.channels), MAX_CHANNELS, "channels", "channels in a level"),
+            (cfg.num_res_blocks, MAX_RES_BLOCKS, "num_res_blocks", "residual blocks per level"),
+            (len(cfg.classes), MAX_CLASSES, "classes", "classes")]
+    for value, cap, key, what in caps:
+        if value > cap:
+            raise ValueError(f"model.{key}: {value} {what}, more than the {cap} fedsynth builds")
+    try:
+        with torch.device("meta"):
+            model = build_unet(cfg)
+    except (ValueError, TypeError, RuntimeError, AssertionError) as err:
+        raise ValueError(f"model: MONAI cannot build this UNet ({err})") from None
+    shapes = {name: tuple(p.shape) for name, p in model.named_parameters() if p.requires_grad}
+    total = sum(int(np.prod(shape)) for shape in shapes.values())
+    if total > MAX_PARAMETERS:
+        raise ValueError(f"model.channels {list(cfg.channels)} (num_res_blocks {cfg.num_res_blocks}) describe a UNet of "
+                         f"{total:,} parameters, more than the {MAX_PARAMETERS:,} fedsynth builds")
+    return shapes
+
+
 def _schedule_args(cfg: DiffusionConfig) -> dict[str, float]:
     if cfg.schedule in ("linear_beta", "scaled_linear_beta"):
         return {"beta_start": cfg.beta_start, "beta_end": cfg.beta_end}

@@ -10,6 +10,7 @@ from pathlib import Path
 from client.site_cli import register_site_commands
 from common.errors import FedsynthError
 from server.deploy_cli import add_deploy_commands
+from server.termination import Terminated, stop_signals_raise
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -89,7 +90,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        return int(args.func(args))
+        with stop_signals_raise():
+            return int(args.func(args))
+    except Terminated as stop:
+        print(f"fedsynth {args.command}: stopped by {stop.name}; every process it started has been stopped",
+              file=sys.stderr)
+        return stop.exit_code
     except FedsynthError as err:
         print(f"fedsynth {args.command}: error: {err}", file=sys.stderr)
         return 2

@@ -27,7 +27,7 @@ from common import keys
 from client.policy import SitePolicy, running_app_hash
 from common.config import SiteConfig, config_from_dict
 from common.errors import FedsynthError
-from common.fileio import write_bytes_atomic
+from common.fileio import make_dirs, write_bytes_atomic
 
 MANIFEST = "provision.json"
 CA_CERT = "ca.pem"
@@ -120,9 +120,10 @@ def _write(path: Path, data: bytes, mode: int, overwrite: bool = False) -> None:
 
 
 def _folder(path: Path) -> None:
-    if not path.exists():
-        path.mkdir(parents=True, mode=FOLDER)
-        os.chmod(path, FOLDER)  # mkdir's mode is filtered by the umask
+    # Every level made here (sites/, server/site-keys/, missing parents of --out), not just
+    # the last one: under umask 000 mkdir -p would leave the others 0777.
+    for folder in make_dirs(path, FOLDER):
+        os.chmod(folder, FOLDER)  # mkdir's mode is filtered by the umask
 
 
 def write_ca(layout: Layout, key_pem: bytes, cert_pem: bytes) -> None:

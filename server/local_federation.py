@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common.errors import FederationError
+from server.termination import stop_signals_held, stop_signals_raise
 
 FLOWER_ENV = {
     "FLWR_TELEMETRY_ENABLED": "0",
@@ -174,22 +175,29 @@ def local_superlink(workdir: Path, startup_timeout_s: float = 60.0, simulation: 
     )
     log_file = workdir / "superlink.log"
     env = flower_env(flwr_home)
-    with open(log_file, "ab") as log_handle:
-        process = subprocess.Popen(
-            [_bin("flower-superlink"), "--insecure", *(["--simulation"] if simulation else []), "--isolation", "subprocess",
-             "--host", "127.0.0.1", "--port", str(port), "--disable-runtime-dependency-installation",
-             *(["--database", str(database)] if database else [])],
-            cwd=workdir, env=env, stdout=log_handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-    link = LocalSuperLink(process, address, flwr_home, log_file)
-    try:
-        _wait_ready(link, startup_timeout_s)
-        yield link
-    finally:
-        stop_process_tree(process)
-        if Path("/proc").is_dir():
-            stop_processes_with_env("FLWR_HOME", str(flwr_home))
+    process: subprocess.Popen | None = None
+    # SIGTERM/SIGHUP would otherwise end us without the cleanup below: the SuperLink is in a
+    # session of its own and would outlive us, with the SuperExec and Ray's workers.
+    with stop_signals_raise():
+        try:
+            with stop_signals_held():  # a signal while it starts is raised once `process` is known
+                with open(log_file, "ab") as log_handle:
+                    process = subprocess.Popen(
+                        [_bin("flower-superlink"), "--insecure", *(["--simulation"] if simulation else []),
+                         "--isolation", "subprocess", "--host", "127.0.0.1", "--port", str(port),
+                         "--disable-runtime-dependency-installation", *(["--database", str(database)] if database else [])],
+                        cwd=workdir, env=env, stdout=log_handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                        start_new_session=True,
+                    )
+            link = LocalSuperLink(process, address, flwr_home, log_file)
+            _wait_ready(link, startup_timeout_s)
+            yield link
+        finally:
+            if process is not None:
+                with stop_signals_held():  # a second signal must not cut the cleanup short
+                    stop_process_tree(process)
+                    if Path("/proc").is_dir():
+                        stop_processes_with_env("FLWR_HOME", str(flwr_home))
 
 
 def _wait_ready(link: LocalSuperLink, timeout_s: float) -> None:
