@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from client.ledger import LEDGER_FILE, init_ledger
 from client.privacy import compute_epsilon, poisson_sample_rate
 from client.site_data import SiteSlices
 from client.training import train_round
@@ -69,6 +70,9 @@ def federation_config(p: ModelPreset, classes: tuple[str, ...], out: Path, local
 
 
 def site_config(state_root: Path, name: str, epsilon: float, delta: float, dp: bool) -> SiteConfig:
+    """The site's config; its ledger is created on first use, as its admin would (``fedsynth site init``)."""
+    if not (state_root / name / LEDGER_FILE).exists():
+        init_ledger(state_root / name, name)
     return SiteConfig(site_id=name, data_dir=str(state_root), state_dir=str(state_root / name),
                       privacy_budget=PrivacyBudget(epsilon, delta), allow_non_private=not dp)
 

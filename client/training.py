@@ -8,7 +8,6 @@ so one patient is one sample however many slices it has.
 from __future__ import annotations
 
 import hashlib
-import math
 from dataclasses import dataclass
 from functools import partial
 
@@ -17,7 +16,7 @@ import torch
 from torch.utils.data import Dataset
 
 from client.dp_sgd import LocalStep, PlainStep
-from client.ledger import PrivacyLedger
+from client.ledger import reserve_within_budget
 from client.policy import SitePolicy, enforce_policy, privacy_ceiling
 from client.privacy import make_private_step, poisson_sample_rate
 from client.site_data import SiteSlices
@@ -114,7 +113,6 @@ def train_round(
     """
     train_groups, _ = split_patients(slices, cfg.training.val_fraction)
     enforce_policy(policy, cfg, app_hash, len(train_groups))
-    ledger = PrivacyLedger.open(site.state_dir, cfg.privacy.accountant)
     budget = privacy_ceiling(site, policy, cfg)
     if not cfg.privacy.enabled and not site.allow_non_private:
         reason = (
@@ -123,11 +121,9 @@ def train_round(
         )
         raise PrivacyBudgetError(reason, public=reason)
     planned = plan_steps(cfg, len(train_groups)) if cfg.privacy.enabled else (0.0, 1.0, cfg.training.local_steps)
-    if cfg.privacy.enabled:
-        epsilon_before, epsilon_after = ledger.check_budget(budget, planned)
-    else:
-        epsilon_before, epsilon_after = ledger.epsilon(budget.delta), math.inf
-    ledger.reserve(planned, run_id=run_id, server_round=server_round)
+    epsilon_before, epsilon_after = reserve_within_budget(
+        site.state_dir, cfg.privacy.accountant, budget, planned, private=cfg.privacy.enabled, run_id=run_id,
+        server_round=server_round, max_epsilon_per_round=policy.max_epsilon_per_round if policy else 0.0)
 
     seed = _round_seed(cfg, site.site_id, server_round)
     torch.manual_seed(seed)

@@ -101,6 +101,8 @@ def configure_site(kit: Path, data: Path, state: Path) -> None:
     site = yaml.safe_load((kit / "site.yaml").read_text())
     site.update(data_dir=str(data), state_dir=str(state), privacy_budget={"epsilon": 50.0, "delta": 1e-5})
     (kit / "site.yaml").write_text(yaml.safe_dump(site))
+    made = cli("site", "init", "--config", str(kit / "site.yaml"))
+    assert made.returncode == 0, made.stderr
 
 
 @pytest.fixture(scope="module")

@@ -121,7 +121,7 @@ def test_two_sites_two_rounds_then_resume(tmp_path: Path) -> None:
     assert any("over the site's budget" in r for r in reasons)
     assert any("site policy refuses the task: app code" in r for r in reasons)
     assert all(str(tmp_path) not in r for r in reasons)
-    assert not Path(tmp_path / "sites" / "site-c" / "state" / "privacy_ledger.json").exists()
+    assert PrivacyLedger.open(tmp_path / "sites" / "site-c" / "state").entries == []
     refused = [r for r in read_audit(tmp_path / "sites" / "site-c" / "state") if r["message_type"] == "train"]
     assert refused[0]["outcome"].startswith("refused: site policy refuses the task")
     # Ledgers agree with the audit logs: every step taken is counted once, none is forgotten.
