@@ -10,7 +10,10 @@ config names in turn, so only the hospital can change it. Every task is checked 
   floor, nor the clipping norm above the ceiling; the site must hold at least
   ``min_patients`` training patients; the privacy ceiling is the tightest of the site
   budget, the policy and the federation's own per-site cap: the server can lower it,
-  never raise it;
+  never raise it; a round may take at most ``max_steps_per_round`` steps (checked before
+  any accountant runs) and add at most ``max_epsilon_per_round``;
+* train and evaluate (:func:`check_model_size`): the weights sent and the model described
+  may not exceed ``max_model_parameters``;
 * query, the memorisation audit (``client/audit_policy.py``): the server chooses the
   images it sends, so it could use the audit as a membership oracle; the ``audit_*``
   fields switch it off, demand enough *distinct* images, bound the thresholds and quantile
@@ -30,6 +33,9 @@ Example policy file::
     audit_max_thresholds: 8
     audit_max_quantile_levels: 8
     audit_max_per_day: 10       # queries answered in any 24 h, from the site's audit log
+    max_steps_per_round: 5000   # these three apply, with these defaults, without a policy file too
+    max_epsilon_per_round: 0.0  # > 0: the most epsilon one round may add
+    max_model_parameters: 100000000
 """
 
 from __future__ import annotations
