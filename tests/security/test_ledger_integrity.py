@@ -103,3 +103,13 @@ def test_init_is_explicit_once_and_never_over_a_history(tmp_path: Path) -> None:
     with pytest.raises(SiteDataError, match="records 3 DP steps this site took: restore the ledger from backup"):
         init_ledger(state, "a")
     assert not (state / LEDGER_FILE).exists()
+
+
+def test_simulate_stops_at_once_on_a_site_without_a_ledger(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    site_yaml = write_site(tmp_path / "sites", "a", tmp_path / "data", init=False)
+    fed_yaml = tmp_path / "federation.yaml"
+    fed_yaml.write_text(json.dumps(tiny_federation(tmp_path / "server")))  # JSON is YAML
+    assert main(["simulate", "--config", str(fed_yaml), "--site", str(site_yaml)]) == 2
+    assert "fedsynth site init" in capsys.readouterr().err
+    assert not (tmp_path / "server").exists()  # Flower never started
+    assert main(["site", "audit", "--config", str(site_yaml)]) == 1  # the log is shown, the ledger's problem named
