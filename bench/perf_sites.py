@@ -7,6 +7,7 @@ from pathlib import Path
 
 import yaml
 
+from client.ledger import init_ledger
 from common.config import FedsynthConfig, SiteConfig, load_federation_config, load_site_config
 from tests.conftest import tiny_federation, write_shapes_dataset, write_site
 
@@ -56,4 +57,5 @@ def fresh_site_copy(site_path: Path, root: Path) -> SiteConfig:
     copy.parent.mkdir(parents=True, exist_ok=True)
     data["state_dir"] = str(root / site.site_id / "state")
     copy.write_text(yaml.safe_dump(data))
+    init_ledger(data["state_dir"], site.site_id)
     return load_site_config(copy)

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from client.ledger import LEDGER_FILE, init_ledger
 from client.privacy import compute_epsilon, poisson_sample_rate
 from client.site_data import SiteSlices
 from client.training import train_round
@@ -68,6 +69,9 @@ def federation_config(p: ModelPreset, classes: tuple[str, ...], out: Path, local
 
 
 def site_config(state_root: Path, name: str, epsilon: float, delta: float, dp: bool) -> SiteConfig:
+    """The site's config; its ledger is created on first use, as its admin would (``fedsynth site init``)."""
+    if not (state_root / name / LEDGER_FILE).exists():
+        init_ledger(state_root / name, name)
     # val_fraction 0: the benchmark holds out its own, near-duplicate-grouped validation set.
     # unsafe_reproducible_dp: a benchmark on public data is seeded end to end, DP noise included, so
     # its numbers do not depend on the number of workers; never a hospital's setting.

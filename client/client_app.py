@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -25,8 +26,9 @@ from flwr.clientapp import ClientApp
 
 from client.audit_log import TaskRecord, append_task_record
 from client.audit_policy import enforce_audit_policy, is_query
-from client.policy import SitePolicy, check_app, load_site_policy, running_app_hash
+from client.policy import SitePolicy, check_app, check_model_size, load_site_policy, running_app_hash
 from client.site_data import SiteSlices, load_site_slices_cached, require_readable
+from client.task_config import checked_task_config, config_summary
 from client.training import TrainResult, train_round, validation_loss
 from client.memorisation_audit import AuditRequest, answer_audit, unpack_request
 from common import keys
@@ -73,14 +75,17 @@ def site_config_path(context: Context) -> str:
 
 
 def _received_config(msg: Message) -> dict:
-    """The task's ConfigRecord as plain data, the federation config parsed, for the audit log."""
-    received = {}
-    for key, value in msg.content[keys.CONFIG].items():
-        try:
-            received[key] = json.loads(value) if key == keys.FEDERATION_CONFIG else value
-        except (TypeError, ValueError):
-            received[key] = str(value)
-    return received
+    """The task's ConfigRecord as plain data, the federation config parsed, for the audit log.
+
+    Raises:
+        ConfigError: a key, type or size the site does not accept (client/task_config.py).
+    """
+    return checked_task_config(dict(msg.content[keys.CONFIG].items()))
+
+
+def _sent_values(msg: Message) -> int:
+    """Values in the arrays the server sent, from their shapes: nothing is unpacked to count them."""
+    return sum(math.prod(array.shape) for array in msg.content[keys.ARRAYS].values())
 
 
 def _set_threads(context: Context) -> None:
@@ -97,6 +102,8 @@ def _prepare(msg: Message, site: SiteConfig, record: TaskRecord) -> SiteTask:
         raise ConfigError(f"message has no '{keys.FEDERATION_CONFIG}' entry", public="message has no federation config")
     cfg = config_from_dict(FedsynthConfig, json.loads(str(raw)), "federation config sent by the server")
     policy = load_site_policy(site.policy_file) if site.policy_file else None
+    if not is_query(record.message_type):  # a query's arrays are images, bounded by the audit policy
+        check_model_size(policy, cfg, _sent_values(msg))
     arrays = {name: array.numpy() for name, array in msg.content[keys.ARRAYS].items()}
     audit = _check_policy(msg, policy, site, arrays, record)
     slices = load_site_slices_cached(site.data_dir, cfg.model.classes, cfg.data, site.labels_csv or None)
@@ -141,9 +148,10 @@ def audited(handler: Callable[[Message, SiteTask], Message]) -> Callable[[Messag
         site = None
         try:
             _set_threads(context)
+            record.config = config_summary(msg.content.config_records.get(keys.CONFIG))  # until it is checked
+            site = load_site_config(site_config_path(context))
             record.config = _received_config(msg)
             record.server_round = int(record.config.get(keys.SERVER_ROUND, 0))
-            site = load_site_config(site_config_path(context))
             reply, record.outcome = handler(msg, _prepare(msg, site, record)), "ok"
         except Exception as err:  # a site's failure never crashes the node or the federation
             reply, record.outcome = _error_reply(msg, err)

@@ -10,7 +10,10 @@ config names in turn, so only the hospital can change it. Every task is checked 
   floor, nor the clipping norm above the ceiling; the site must hold at least
   ``min_patients`` training patients; the privacy ceiling is the tightest of the site
   budget, the policy and the federation's own per-site cap: the server can lower it,
-  never raise it;
+  never raise it; a round may take at most ``max_steps_per_round`` steps (checked before
+  any accountant runs) and add at most ``max_epsilon_per_round``;
+* train and evaluate (:func:`check_model_size`): the weights sent and the model described
+  may not exceed ``max_model_parameters``;
 * query, the memorisation audit (``client/audit_policy.py``): the server chooses the
   images it sends, so it could use the audit as a membership oracle; the ``audit_*``
   fields switch it off, demand enough *distinct* images (near-copies count once), bound
@@ -35,6 +38,9 @@ Example policy file::
     audit_max_quantile_levels: 8
     audit_min_count: 5          # counts below this are sent as 0; quantiles need this many each side
     audit_max_per_day: 10       # queries let through in any 24 h, from the site's audit quota file
+    max_steps_per_round: 5000   # these three apply, with these defaults, without a policy file too
+    max_epsilon_per_round: 0.0  # > 0: the most epsilon one round may add
+    max_model_parameters: 100000000
 """
 
 from __future__ import annotations
@@ -51,6 +57,11 @@ from common.config import FedsynthConfig, PrivacyBudget, SiteConfig, config_from
 from common.errors import PolicyError
 
 ANY_APP = "any"
+# Without a policy file these still bound a task: a server asking for 100,000 steps or a
+# huge model must not exhaust the site's memory (the accountant, the UNet) or hang it.
+DEFAULT_MAX_STEPS_PER_ROUND = 5000
+HARD_MAX_STEPS_PER_ROUND = 100_000
+DEFAULT_MAX_MODEL_PARAMETERS = 100_000_000
 CODE_PACKAGES = ("common", "client", "server")
 
 
@@ -70,6 +81,10 @@ class SitePolicy:
     audit_near_duplicate: float = 0.05
     audit_max_threshold: float = 0.1
     audit_min_count: int = audit_protocol.DEFAULT_MIN_COUNT
+    # Bounds on what one task may cost the site, applied with or without a policy file.
+    max_steps_per_round: int = DEFAULT_MAX_STEPS_PER_ROUND
+    max_epsilon_per_round: float = 0.0  # 0: no per-round cap beyond the total budget
+    max_model_parameters: int = DEFAULT_MAX_MODEL_PARAMETERS
 
     def __post_init__(self) -> None:
         require(0 < self.max_epsilon <= 100, "max_epsilon", f"must be in (0, 100], got {self.max_epsilon}")
@@ -94,6 +109,11 @@ class SitePolicy:
                 f"must be in (0, 2] (a Pearson distance), got {self.audit_max_threshold}")
         require(self.audit_min_count >= 1, "audit_min_count",
                 f"must be >= 1 (1 reports every count as it is), got {self.audit_min_count}")
+        require(1 <= self.max_steps_per_round <= HARD_MAX_STEPS_PER_ROUND, "max_steps_per_round",
+                f"must be in [1, {HARD_MAX_STEPS_PER_ROUND}], got {self.max_steps_per_round}")
+        require(self.max_epsilon_per_round >= 0, "max_epsilon_per_round",
+                f"must be >= 0 (0: no per-round cap), got {self.max_epsilon_per_round}")
+        require(self.max_model_parameters >= 1, "max_model_parameters", f"must be >= 1, got {self.max_model_parameters}")
 
 
 def load_site_policy(path: str | Path) -> SitePolicy:
@@ -168,10 +188,16 @@ def check_app(policy: SitePolicy | None, app_hash: str) -> None:
 
 
 def enforce_policy(policy: SitePolicy | None, cfg: FedsynthConfig, app_hash: str, num_train_patients: int) -> None:
-    """Raise :class:`PolicyError` if the train task would loosen the site's policy."""
+    """Raise :class:`PolicyError` if the train task would loosen the site's policy.
+
+    The step bound applies without a policy file too, and is checked before any accountant runs.
+    """
+    check_app(policy, app_hash)
+    max_steps = policy.max_steps_per_round if policy else DEFAULT_MAX_STEPS_PER_ROUND
+    if cfg.training.local_steps > max_steps:
+        raise refuse(f"{cfg.training.local_steps} local steps in one round, more than the site's maximum {max_steps}")
     if policy is None:
         return
-    check_app(policy, app_hash)
     if not cfg.privacy.enabled:
         raise refuse("training without DP is not allowed by the policy")
     if cfg.privacy.noise_multiplier < policy.min_noise_multiplier:
@@ -180,3 +206,26 @@ def enforce_policy(policy: SitePolicy | None, cfg: FedsynthConfig, app_hash: str
         raise refuse(f"clipping norm {cfg.privacy.max_grad_norm} is above the policy's maximum {policy.max_grad_norm}")
     if num_train_patients < policy.min_patients:
         raise refuse(f"{num_train_patients} training patients, fewer than the policy's minimum {policy.min_patients}")
+
+
+def model_parameters(cfg: FedsynthConfig) -> int:
+    """Parameters of the UNet ``cfg`` describes, counted on PyTorch's meta device: nothing is allocated."""
+    import torch
+
+    from common.model import build_unet
+
+    with torch.device("meta"):
+        return sum(p.numel() for p in build_unet(cfg.model).parameters())
+
+
+def check_model_size(policy: SitePolicy | None, cfg: FedsynthConfig, received_values: int) -> None:
+    """Raise :class:`PolicyError` if the weights sent, or the model the config describes, are too large.
+
+    ``received_values`` is counted from the arrays' shapes before they are unpacked.
+    """
+    limit = policy.max_model_parameters if policy else DEFAULT_MAX_MODEL_PARAMETERS
+    if received_values > limit:
+        raise refuse(f"the server sent {received_values:,} weight values, more than the site's maximum {limit:,}")
+    described = model_parameters(cfg)
+    if described > limit:
+        raise refuse(f"the federation's model has {described:,} parameters, more than the site's maximum {limit:,}")

@@ -19,6 +19,7 @@ import torch
 from opacus import PrivacyEngine
 from opacus.accountants import PRVAccountant, RDPAccountant
 from opacus.accountants.accountant import IAccountant
+from opacus.accountants.analysis.prv import PoissonSubsampledGaussianPRV, compute_safe_domain_size
 from opacus.data_loader import DPDataLoader
 from torch.utils.data import DataLoader, Dataset
 
@@ -29,6 +30,14 @@ warnings.filterwarnings("ignore", message="Full backward hook is firing")
 
 # (noise_multiplier, sample_rate, steps), the composition unit Opacus' accountants take.
 Mechanism = tuple[float, float, int]
+
+# Opacus' default epsilon error; the grid estimate below must use the same one.
+PRV_EPS_ERROR = 0.01
+# About 160 bytes of working memory per PRV grid point: 4M points peak near 700 MB and take
+# seconds on one core; a realistic ledger (epsilon up to tens) needs far fewer.
+PRV_MAX_POINTS = 4_000_000
+# Distinct (sigma, q) pairs composed one by one; more are merged into one dominating pair.
+MAX_MECHANISMS = 32
 
 
 def poisson_sample_rate(num_patients: int, batch_size: int) -> float:
@@ -64,25 +73,81 @@ def _accountant(name: str) -> IAccountant:
     raise ValueError(f"unknown accountant {name!r}")
 
 
+def check_mechanism(sigma: object, q: object, steps: object) -> str | None:
+    """What is wrong with one ``(noise_multiplier, sample_rate, steps)``, or ``None`` if it can be accounted.
+
+    Non-finite values sent Opacus' series expansions into endless loops; nothing reaches an
+    accountant without passing this.
+    """
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        return f"steps must be a non-negative integer, got {steps!r}"
+    if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not math.isfinite(sigma) or sigma < 0:
+        return f"noise multiplier must be a finite number >= 0, got {sigma!r}"
+    if isinstance(q, bool) or not isinstance(q, (int, float)) or not math.isfinite(q) or not 0 < q <= 1:
+        return f"sample rate must be in (0, 1], got {q!r}"
+    return None
+
+
 def _merge(history: Iterable[Mechanism]) -> list[Mechanism]:
     """Combine entries with the same (sigma, q): same epsilon, far less work for PRV."""
     merged: dict[tuple[float, float], int] = {}
     for sigma, q, steps in history:
+        problem = check_mechanism(sigma, q, steps)
+        if problem is not None:
+            raise ValueError(f"cannot account ({sigma!r}, {q!r}, {steps!r}): {problem}")
         merged[(float(sigma), float(q))] = merged.get((float(sigma), float(q)), 0) + int(steps)
     return [(s, q, n) for (s, q), n in merged.items() if n > 0]
+
+
+def _dominating(merged: list[Mechanism]) -> list[Mechanism]:
+    """At most ``MAX_MECHANISMS`` distinct mechanisms; beyond that, one that dominates them all.
+
+    The subsampled Gaussian leaks more with less noise and a higher sample rate, so all the
+    steps taken at the smallest sigma and the largest q bound the true epsilon from above.
+    A server that varies the batch size every round cannot make accounting cost grow with it.
+    """
+    if len(merged) <= MAX_MECHANISMS:
+        return merged
+    return [(min(s for s, _, _ in merged), max(q for _, q, _ in merged), sum(n for _, _, n in merged))]
+
+
+def prv_domain_points(merged: Iterable[Mechanism], delta: float) -> int:
+    """Grid points Opacus' PRV accountant would allocate (over all distinct mechanisms) for ``merged``.
+
+    Opacus sizes its discretisation grid as ``2 L / mesh``, where ``L`` is an RDP bound on the
+    privacy loss and the mesh shrinks with the square root of the total steps
+    (``PRVAccountant._get_domain``, eps_error 0.01 and delta_error delta/1000 as in ``get_epsilon``);
+    a large epsilon or a small sigma made it allocate gigabytes. Computing ``L`` costs a few RDP
+    evaluations, no grid.
+    """
+    merged = list(merged)
+    eps_error, delta_error = PRV_EPS_ERROR, delta / 1000
+    prvs = [PoissonSubsampledGaussianPRV(q, sigma) for sigma, q, _ in merged]
+    steps = [n for _, _, n in merged]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        half_width = compute_safe_domain_size(prvs=prvs, max_self_compositions=steps, eps_error=eps_error,
+                                              delta_error=delta_error)
+    mesh = eps_error / math.sqrt(sum(steps) * math.log(12 / delta_error) / 2)
+    return math.ceil(2 * half_width / mesh) * len(merged)
 
 
 def compute_epsilon(history: Iterable[Mechanism], delta: float, accountant: str = "prv") -> float:
     """Epsilon at ``delta`` after composing every mechanism in ``history``.
 
-    A zero noise multiplier stands for a non-private step: nothing bounds it.
+    A zero noise multiplier stands for a non-private step: nothing bounds it. Time and memory
+    are bounded whatever the history: PRV runs only on a grid of at most ``PRV_MAX_POINTS``;
+    beyond it the RDP bound (also a valid upper bound on epsilon, looser) is reported instead.
+
+    Raises:
+        ValueError: an entry is negative, non-finite or its sample rate is outside (0, 1].
     """
     merged = _merge(history)
     if not merged:
         return 0.0
     if any(sigma <= 0 for sigma, _, _ in merged):
         return math.inf
-    return _composed_epsilon(tuple(merged), float(delta), accountant)
+    return _composed_epsilon(tuple(_dominating(merged)), float(delta), accountant)
 
 
 @lru_cache(maxsize=256)
@@ -90,10 +155,14 @@ def _composed_epsilon(merged: tuple[Mechanism, ...], delta: float, accountant: s
     # A site checks its budget before every round: "spent" then equals the previous round's
     # "after", and each PRV composition costs about a second on a CPU. The result is a pure
     # function of (history, delta, accountant), so caching it changes no number.
+    if accountant == "prv" and prv_domain_points(merged, delta) > PRV_MAX_POINTS:
+        accountant = "rdp"
     acc = _accountant(accountant)
     acc.history = list(merged)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        if accountant == "prv":
+            return float(acc.get_epsilon(delta=delta, eps_error=PRV_EPS_ERROR))
         return float(acc.get_epsilon(delta=delta))
 
 

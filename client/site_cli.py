@@ -1,4 +1,4 @@
-"""``fedsynth site ...``: the hospital admin's commands (check data, read the audit log, hash an app)."""
+"""``fedsynth site ...``: the hospital admin's commands (create the ledger, check data, read the audit log, hash an app)."""
 
 from __future__ import annotations
 
@@ -48,6 +48,7 @@ def _outcome(row: dict) -> str:
 def _audit(args: argparse.Namespace) -> int:
     from client.audit_log import read_audit
     from client.ledger import PrivacyLedger
+    from common.errors import SiteDataError
 
     state = _state_dir(args)
     rows = read_audit(state)
@@ -65,8 +66,23 @@ def _audit(args: argparse.Namespace) -> int:
                       _fmt_eps(row.get("epsilon_after")), str(row.get("bytes_sent", "")), _outcome(row))
     console = Console()
     console.print(table)
-    ledger = PrivacyLedger.open(state)
+    try:
+        ledger = PrivacyLedger.open(state)
+    except SiteDataError as err:  # the log is still worth reading when the ledger is the problem
+        console.print(f"Privacy ledger: {err}")
+        return 1
     console.print(f"Privacy ledger: {ledger.total_steps} DP steps in {len(ledger.entries)} entries ({ledger.path})")
+    return 0
+
+
+def _init(args: argparse.Namespace) -> int:
+    from client.ledger import init_ledger
+    from common.config import load_site_config
+
+    site = load_site_config(args.config)
+    path = init_ledger(site.state_dir, site.site_id)
+    print(f"Privacy ledger of site '{site.site_id}' created: {path}\n"
+          "Back up the state folder with it; never delete or replace the ledger (the site refuses to train then).")
     return 0
 
 
@@ -80,6 +96,10 @@ def _app_hash(args: argparse.Namespace) -> int:
 def register_site_commands(sub: argparse._SubParsersAction) -> None:
     site = sub.add_parser("site", help="hospital-side tools")
     site_sub = site.add_subparsers(dest="site_command", required=True)
+
+    init = site_sub.add_parser("init", help="create the site's empty privacy ledger, once, before its first training")
+    init.add_argument("--config", required=True, help="site YAML (its site_id and state_dir)")
+    init.set_defaults(func=_init)
 
     check = site_sub.add_parser("check", help="show what the client will see in a data folder")
     check.add_argument("--data", help="the hospital's data folder")

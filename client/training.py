@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import math
 from dataclasses import dataclass
 from functools import partial
 
@@ -19,7 +18,7 @@ import torch
 from torch.utils.data import Dataset
 
 from client.dp_sgd import LocalStep, PlainStep
-from client.ledger import PrivacyLedger
+from client.ledger import reserve_within_budget
 from client.policy import SitePolicy, enforce_policy, privacy_ceiling
 from client.privacy import make_private_step, poisson_sample_rate
 from client.round_rng import RoundRandomness
@@ -124,7 +123,6 @@ def train_round(
     """
     train_groups, _ = split_patients(slices, site.val_fraction)
     enforce_policy(policy, cfg, app_hash, len(train_groups))
-    ledger = PrivacyLedger.open(site.state_dir, cfg.privacy.accountant)
     budget = privacy_ceiling(site, policy, cfg)
     if not cfg.privacy.enabled and not site.allow_non_private:
         reason = (
@@ -133,11 +131,9 @@ def train_round(
         )
         raise PrivacyBudgetError(reason, public=reason)
     planned = plan_steps(cfg, len(train_groups)) if cfg.privacy.enabled else (0.0, 1.0, cfg.training.local_steps)
-    if cfg.privacy.enabled:
-        epsilon_before, epsilon_after = ledger.check_budget(budget, planned)
-    else:
-        epsilon_before, epsilon_after = ledger.epsilon(budget.delta), math.inf
-    ledger.reserve(planned, run_id=run_id, server_round=server_round)
+    epsilon_before, epsilon_after = reserve_within_budget(
+        site.state_dir, cfg.privacy.accountant, budget, planned, private=cfg.privacy.enabled, run_id=run_id,
+        server_round=server_round, max_epsilon_per_round=policy.max_epsilon_per_round if policy else 0.0)
 
     rng = _round_randomness(cfg, site, server_round)
     rng.seed_global()

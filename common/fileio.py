@@ -41,7 +41,8 @@ def make_dirs(path: str | Path, mode: int = DIR_MODE) -> list[Path]:
 def write_atomic(path: str | Path, write: Callable[[BinaryIO], None]) -> Path:
     """Write ``path`` through ``write(handle)`` into a temp file, then rename it into place.
 
-    The rename is atomic on POSIX, so readers see either the old file or the new one.
+    The rename is atomic on POSIX, so readers see either the old file or the new one; the
+    folder is synced after it, so the new file is the one that survives a power cut.
     """
     path = Path(path)
     make_dirs(path.parent)
@@ -55,7 +56,17 @@ def write_atomic(path: str | Path, write: Callable[[BinaryIO], None]) -> Path:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    fsync_dir(path.parent)
     return path
+
+
+def fsync_dir(directory: str | Path) -> None:
+    """Flush a directory entry: without it a power cut after the rename can bring back the old file."""
+    fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def write_bytes_atomic(path: str | Path, data: bytes) -> Path:

@@ -26,11 +26,14 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _simulate(args: argparse.Namespace) -> int:
-    from common.config import load_federation_config
+    from client.ledger import PrivacyLedger
+    from common.config import load_federation_config, load_site_config
     from server.simulation import run_simulation
 
     cfg = load_federation_config(args.config)
     sites = [Path(p) for p in args.site]
+    for site in sites:  # fail now, not once Flower has started: each site's admin runs `fedsynth site init`
+        PrivacyLedger.open(load_site_config(site).state_dir)
     workdir = Path(args.workdir or cfg.federation.output_dir)
     result = run_simulation(cfg, Path(args.config), sites, workdir)
     print(f"run {result.run_id} {result.status}: {result.rounds_completed} rounds in {result.seconds:.0f} s; "

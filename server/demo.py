@@ -14,6 +14,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+from client.ledger import init_ledger
 from common.config import load_federation_config, write_yaml
 from common.errors import ConfigError
 from common.fileio import write_bytes_atomic, write_json_atomic
@@ -98,6 +99,7 @@ def write_demo_configs(out: Path, s: DemoSettings) -> tuple[Path, list[Path]]:
             "state_dir": str(site_dir / "state"),
             "privacy_budget": {"epsilon": s.site_epsilon, "delta": s.site_delta},
         }))
+        init_ledger(site_dir / "state", site)  # what each hospital's admin does once (`fedsynth site init`)
     return fed_path, site_paths
 
 

@@ -176,6 +176,7 @@ site_id: {site}                      # public name shown to the coordinator
 data_dir: {CONTAINER_SCANS}                # <class>/ folders of PNG/JPEG/NIfTI, mounted read-only
 labels_csv: ""                       # optional: CSV with columns file,label[,patient_id]
 state_dir: {CONTAINER_SITE_STATE}         # privacy_ledger.json lives here: back it up, never delete it
+# Before the first training, create the ledger once: fedsynth site init --config site.yaml
 privacy_budget:                      # total over every DP step this site ever takes, all runs
   epsilon: {settings.epsilon!r}
   delta: {settings.delta:.1e}
@@ -304,6 +305,7 @@ def render_start_supernode(settings: KitSettings) -> str:
 # FEDSYNTH_SUPERLINK (default {settings.superlink}): the coordinator's SuperLink, host:port.
 # FEDSYNTH_SITE_CONFIG (default $KIT/{SITE_CONFIG}): this site's config (data, state, budget).
 # FEDSYNTH_NUM_THREADS (optional): torch threads per training process.
+# Once, before the first start: fedsynth site init --config "$KIT/{SITE_CONFIG}" (the privacy ledger).
 # Extra arguments go to flower-supernode, e.g. --health-server-address 127.0.0.1:9098
 SITE_CONFIG="${{FEDSYNTH_SITE_CONFIG:-$KIT/{SITE_CONFIG}}}"
 NODE_CONFIG="{keys.NODE_SITE_CONFIG}=\\"$SITE_CONFIG\\""

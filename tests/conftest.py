@@ -47,12 +47,17 @@ def write_shapes_dataset(root: Path, per_class: int = 12, size: int = 24, seed: 
 
 
 def write_site(root: Path, site_id: str, data_dir: Path, epsilon: float = 50.0, val_fraction: float = 0.2,
-               **extra: object) -> Path:
+               init: bool = True, **extra: object) -> Path:
+    """A site config; ``init`` also creates its empty privacy ledger, as the admin does once."""
+    from client.ledger import init_ledger
+
     path = root / site_id / "site.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     cfg = {"site_id": site_id, "data_dir": str(data_dir), "state_dir": str(root / site_id / "state"),
            "privacy_budget": {"epsilon": epsilon, "delta": 1e-5}, "val_fraction": val_fraction, **extra}
     path.write_text(yaml.safe_dump(cfg))
+    if init:
+        init_ledger(root / site_id / "state", site_id)
     return path
 
 

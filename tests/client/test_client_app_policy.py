@@ -13,6 +13,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Message
 
 from client.audit_log import read_audit
 from client.client_app import app
+from client.ledger import INIT_MESSAGE_TYPE
 from client.policy import running_app_hash
 from common import audit_protocol as ap
 from common import keys
@@ -55,7 +56,7 @@ def _query(fed_json: str, distinct: int, copies: int = 0, thresholds: tuple[floa
 
 def _outcomes(site_yaml: Path) -> list[tuple[str, str]]:
     state = yaml.safe_load(site_yaml.read_text())["state_dir"]
-    return [(row["message_type"], row["outcome"]) for row in read_audit(state)]
+    return [(row["message_type"], row["outcome"]) for row in read_audit(state) if row["message_type"] != INIT_MESSAGE_TYPE]
 
 
 @pytest.mark.parametrize("message_type", [MessageType.TRAIN, MessageType.EVALUATE, MessageType.QUERY])

@@ -104,6 +104,8 @@ def configure_site(kit: Path, data: Path, state: Path) -> None:
     policy = yaml.safe_load((kit / "site-policy.yaml").read_text())  # the kit's policy caps epsilon too
     policy.update(max_epsilon=50.0)
     (kit / "site-policy.yaml").write_text(yaml.safe_dump(policy))
+    made = cli("site", "init", "--config", str(kit / "site.yaml"))
+    assert made.returncode == 0, made.stderr
 
 
 @pytest.fixture(scope="module")

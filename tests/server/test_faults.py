@@ -93,8 +93,8 @@ def test_supernode_killed_mid_round_round_completes_with_the_others(tmp_path: Pa
         procs = {s.parent.name: nodes.enter_context(supernode(link, s, tmp_path / f"{s.parent.name}.log")) for s in sites}
         wait_for(lambda: online_nodes(link) == 3, 90, "3 SuperNodes online")
         run_id = submit_run(link, PROJECT_ROOT, {"config": str(fed_path)}, num_supernodes=None)
-        # The ledger is written just before training starts: kill the node while it trains.
-        wait_for(lambda: (tmp_path / "sites" / "site-c" / "state" / "privacy_ledger.json").exists(), 120, "site-c training")
+        # The steps are reserved just before training starts: kill the node while it trains.
+        wait_for(lambda: PrivacyLedger.open(tmp_path / "sites" / "site-c" / "state").total_steps > 0, 120, "site-c training")
         stop_process_tree(procs["site-c"], grace_s=0.0)
         wait_for(lambda: finished(link, run_id), 400, "the run to finish")
         assert run_status(link, run_id)["status"] == "finished:completed"

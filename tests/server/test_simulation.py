@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from client.audit_log import read_audit
-from client.ledger import PrivacyLedger
+from client.ledger import INIT_MESSAGE_TYPE, PrivacyLedger
 from client.policy import app_code_hash
 from common.checkpoint import list_round_checkpoints, load_checkpoint
 from common.config import load_federation_config
@@ -82,7 +82,7 @@ def test_two_sites_two_rounds_then_resume(tmp_path: Path) -> None:
     assert trained == {(1, "site-a"), (1, "site-b"), (2, "site-a"), (2, "site-b")}
     assert {r["round"] for r in rows if r["kind"] == "aggregate" and r["phase"] == "evaluate"} == {1, 2}
     for site_id in ("site-a", "site-b"):
-        audit = read_audit(tmp_path / "sites" / site_id / "state")
+        audit = [r for r in read_audit(tmp_path / "sites" / site_id / "state") if r["message_type"] != INIT_MESSAGE_TYPE]
         assert [(r["message_type"], r["server_round"], r["outcome"]) for r in audit] == [
             ("train", 1, "ok"), ("evaluate", 1, "ok"), ("train", 2, "ok"), ("evaluate", 2, "ok")]
         assert audit[2]["epsilon_before"] == pytest.approx(audit[0]["epsilon_after"])
@@ -121,7 +121,7 @@ def test_two_sites_two_rounds_then_resume(tmp_path: Path) -> None:
     assert any("over the site's budget" in r for r in reasons)
     assert any("site policy refuses the task: app code" in r for r in reasons)
     assert all(str(tmp_path) not in r for r in reasons)
-    assert not Path(tmp_path / "sites" / "site-c" / "state" / "privacy_ledger.json").exists()
+    assert PrivacyLedger.open(tmp_path / "sites" / "site-c" / "state").entries == []
     refused = [r for r in read_audit(tmp_path / "sites" / "site-c" / "state") if r["message_type"] == "train"]
     assert refused[0]["outcome"].startswith("refused: site policy refuses the task")
     # Ledgers agree with the audit logs: every step taken is counted once, none is forgotten.
