@@ -86,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     from server.evaluation.command import add_evaluate_parser  # torch and MONAI load only when it runs
     add_evaluate_parser(sub)
     add_deploy_commands(sub)  # provision, run: server/deploy_cli.py
+    from server.plan_command import add_plan_parser
+    add_plan_parser(sub)
     return parser
 
 
