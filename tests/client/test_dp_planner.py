@@ -78,7 +78,7 @@ def test_plan_command_on_real_site_files(tmp_path: Path, capsys: pytest.CaptureF
     code = main(["plan", "--config", str(fed_path), "--site", str(sites[0]), "--site", str(sites[1]), "--json", str(out)])
     printed = capsys.readouterr().out
     assert code == 0
-    assert "DP plan per site" in printed and "noise std / coord" in printed
+    assert "DP plan per site" in printed and "sigma" in printed and "privacy.noise_multiplier" in printed
     plan = json.loads(out.read_text())
     assert plan["steps"] == 10 * fed["federation"]["num_rounds"]
     assert [s["site_id"] for s in plan["sites"]] == ["a", "b"]
