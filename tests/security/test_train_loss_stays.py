@@ -13,6 +13,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Message
 
 from client.audit_log import read_audit
 from client.client_app import app
+from client.ledger import INIT_MESSAGE_TYPE
 from client.site_cli import _audit
 from common import keys
 from common.config import FedsynthConfig, config_from_dict, config_to_json
@@ -36,7 +37,8 @@ def _run(tmp_path: Path, task: Message, **site: object) -> tuple[Message, list[d
     context = Context(run_id=7, node_id=1, node_config={keys.NODE_SITE_CONFIG: str(site_yaml)}, state=RecordDict(),
                       run_config={})
     reply = app(task, context)
-    return reply, read_audit(yaml.safe_load(site_yaml.read_text())["state_dir"])
+    rows = read_audit(yaml.safe_load(site_yaml.read_text())["state_dir"])
+    return reply, [row for row in rows if row["message_type"] != INIT_MESSAGE_TYPE]  # the task's, not the admin's init
 
 
 def test_a_dp_train_reply_carries_no_training_loss(tmp_path: Path) -> None:
