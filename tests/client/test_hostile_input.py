@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from client.ledger import init_ledger
 from client.site_data import load_site_slices, require_readable
 from tests.hostile_files import gzip_bomb, nested_folders, raw_nifti
 from common.config import DataConfig
@@ -323,6 +324,7 @@ def test_site_check_cli_on_a_folder_of_hostile_files(tmp_path: Path) -> None:
         site = tmp_path / "site.yaml"
         site.write_text(yaml.safe_dump({"site_id": "a", "data_dir": str(data), "state_dir": str(tmp_path / "state"),
                                         "privacy_budget": {"epsilon": 50.0, "delta": 1e-5}, "skip_bad_files": True}))
+        init_ledger(tmp_path / "state", "a")  # the admin's one-time step, without which training is refused
         lenient = site_check("--config", str(site))
 
     for run in (strict, lenient):

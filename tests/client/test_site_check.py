@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
-
-from server.cli import main as cli_main
 import numpy as np
+import pytest
 import yaml
+
+from client.ledger import PrivacyLedger
+from server.cli import main as cli_main
 
 from tests.conftest import tiny_federation, write_shapes_dataset, write_site
 
@@ -70,7 +71,7 @@ def test_budget_too_small_for_one_round_fails_the_check(tmp_path: Path, capsys: 
     assert cli_main(["site", "check", "--config", str(site), "--federation", str(_fed(tmp_path))]) == 1
     err = capsys.readouterr().err
     assert "would raise epsilon from 0.000" in err and "over the site's budget of 0.05" in err
-    assert not (tmp_path / "site-a" / "state").exists()  # a check spends and records nothing
+    assert PrivacyLedger.open(tmp_path / "site-a" / "state").total_steps == 0  # a check spends nothing
 
 
 def test_names_with_markup_and_control_characters_print_literally(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from client.audit_log import TaskRecord, append_task_record
-from client.ledger import PrivacyLedger
+from client.ledger import PrivacyLedger, init_ledger
 from common.filelock import exclusive_lock
 from server import kits
 from server.cli import main
@@ -64,12 +64,13 @@ def test_site_state_under_umask_000_is_not_open_to_others(tmp_path: Path, umask_
     # The state folder does not exist yet: the lock, the ledger or the audit log creates it.
     state = tmp_path / "site" / "state"
     with exclusive_lock(state / "ledger.lock"):
+        init_ledger(state, "site-a")
         ledger = PrivacyLedger.open(state)
         ledger.reserve((1.0, 0.1, 5), run_id="1", server_round=1)
     append_task_record(state, TaskRecord(run_id="1", message_type="train", app_hash="", config={}))
     for folder in (tmp_path / "site", state):
         assert _mode(folder) & 0o027 == 0, f"{folder} is {oct(_mode(folder))}: group-writable or open to others"
     files = sorted(p for p in state.iterdir())
-    assert {p.name for p in files} == {"ledger.lock", "privacy_ledger.json", "audit.jsonl"}
+    assert {p.name for p in files} == {"ledger.lock", "privacy_ledger.lock", "privacy_ledger.json", "audit.jsonl"}
     for path in files:
         assert _mode(path) == 0o600, f"{path} is {oct(_mode(path))}"

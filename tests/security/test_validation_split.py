@@ -14,6 +14,7 @@ import yaml
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, Metadata, RecordDict
 
 from client.client_app import app
+from client.ledger import PrivacyLedger
 from client.site_data import SiteSlices
 from client.training import split_patients, train_round, validation_loss
 from common.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
@@ -59,7 +60,7 @@ def test_a_task_choosing_the_split_is_refused_and_costs_nothing(tmp_path: Path, 
     assert reply.has_error() and reply.error.code == keys.ERROR_CONFIG
     assert reply.error.reason.startswith("training.val_fraction: no longer a federation setting")
     assert str(tmp_path) not in reply.error.reason
-    assert not (tmp_path / "sites" / "site-a" / "state" / "privacy_ledger.json").exists()
+    assert PrivacyLedger.open(tmp_path / "sites" / "site-a" / "state").total_steps == 0  # nothing reserved
 
 
 def test_site_val_fraction_is_validated(tmp_path: Path) -> None:
