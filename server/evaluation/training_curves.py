@@ -1,7 +1,9 @@
 """Training curves from a federation's ``metrics.jsonl`` (written by ``server/strategy.py``).
 
 Rows are ``{"round", "phase": "train"|"evaluate", "kind": "site"|"aggregate"|"failure", ...}``
-with ``train-loss``, ``val-loss`` and ``epsilon`` among the numbers. A line that does not
+with ``train-loss``, ``val-loss`` and ``epsilon`` among the numbers. ``val-loss`` comes with
+every train reply (the site's model after its local training) and, in rounds with an evaluate
+phase, from that phase (the aggregated model), which is preferred. A line that does not
 parse (one being written when the file was read) is skipped.
 """
 
@@ -43,6 +45,7 @@ def read_training_curves(run_dir: str | Path) -> dict:
     path = find_metrics_file(run_dir)
     train: Series = []
     val: Series = []
+    val_trained: Series = []
     site_loss: dict[str, Series] = {}
     epsilon: dict[str, Series] = {}
     failures = 0
@@ -55,8 +58,11 @@ def read_training_curves(run_dir: str | Path) -> dict:
         phase, kind = row.get("phase"), row.get("kind")
         if kind == "failure":
             failures += 1
-        elif kind == "aggregate" and phase == "train" and _number(row.get(keys.TRAIN_LOSS)) is not None:
-            train.append((rnd, float(row[keys.TRAIN_LOSS])))
+        elif kind == "aggregate" and phase == "train":
+            if _number(row.get(keys.TRAIN_LOSS)) is not None:
+                train.append((rnd, float(row[keys.TRAIN_LOSS])))
+            if _number(row.get(keys.VAL_LOSS)) is not None:  # the sites' trained models, sent with their updates
+                val_trained.append((rnd, float(row[keys.VAL_LOSS])))
         elif kind == "aggregate" and phase == "evaluate" and _number(row.get(keys.VAL_LOSS)) is not None:
             val.append((rnd, float(row[keys.VAL_LOSS])))
         elif kind == "site" and phase == "train":
@@ -65,6 +71,7 @@ def read_training_curves(run_dir: str | Path) -> dict:
                 site_loss.setdefault(site, []).append((rnd, float(row[keys.TRAIN_LOSS])))
             if _number(row.get(keys.EPSILON)) is not None:
                 epsilon.setdefault(site, []).append((rnd, float(row[keys.EPSILON])))
+    val = val_trained + val  # where a round had an evaluate phase, the global model's loss wins
     rounds = sorted({r for r, _ in train} | {r for r, _ in val})
     return {"metrics_file": str(path), "rounds": [int(r) for r in rounds],
             "train_loss": _rows(train), "val_loss": _rows(val),
