@@ -2,8 +2,9 @@
 
 * Simulation (Flower's simulation engine, Ray): per-round time from ``metrics.jsonl``
   (``round_seconds`` of the train phase, and the time between consecutive rounds, which also
-  holds the evaluate phase) for rounds after the first, vs ``train_round`` (and
-  ``validation_loss``) of every site in turn in this process with 1 torch thread. Sites run
+  holds an evaluate phase where the config asks for one) for rounds after the first, vs
+  ``train_round`` + ``validation_loss`` (what a train handler runs) of every site in turn in
+  this process with 1 torch thread. Sites run
   one at a time (``client-resources-num-cpus=2`` on 2 cores) so both sides do the same work
   on the same core; the default (one CPU per site, two sites at once) is measured too.
   The fixed start-up/shutdown cost is the run's wall time minus its rounds.
@@ -111,8 +112,9 @@ def simulation_overhead(root: Path, rounds: int, local_steps: int, parallel_too:
         return (sum(before[key]) + sum(after[key])) / 2
 
     train_only = mean_sum("train_s")
+    # A train reply carries the validation loss of the trained model: the site's work in the train phase
     with_eval = train_only + mean_sum("eval_s")
-    baseline_cpu = mean_sum("train_cpu_s")
+    baseline_cpu = mean_sum("train_cpu_s") + mean_sum("eval_cpu_s")
     per_round = statistics.median(times["round_seconds"])
     per_round_wall = statistics.median(times["round_wall_s"])
     # CPU seconds of the whole process tree (SuperLink, ServerApp, Ray, the sites) per train phase:
@@ -125,7 +127,7 @@ def simulation_overhead(root: Path, rounds: int, local_steps: int, parallel_too:
         "sim_round_seconds": times["round_seconds"], "sim_round_wall_s": times["round_wall_s"],
         "sim_first_round_s": times["first_round_seconds"], "sim_total_s": wall,
         "startup_shutdown_s": wall - times["first_round_seconds"] - sum(times["round_wall_s"]),
-        "overhead_ratio": per_round / train_only,
+        "overhead_ratio": per_round / with_eval,
         "overhead_ratio_with_evaluate": per_round_wall / with_eval,
         "in_process_train_cpu_s": baseline_cpu, "sim_round_tree_cpu_s": tree_cpu,
         "overhead_ratio_cpu": statistics.median(tree_cpu) / baseline_cpu if tree_cpu else float("nan"),
@@ -138,7 +140,7 @@ def simulation_overhead(root: Path, rounds: int, local_steps: int, parallel_too:
         out["parallel_total_s"] = simulate(par, root / "par" / "work", cpus_per_site=1)
         par_times = round_times(par)
         out["parallel_round_seconds"] = par_times["round_seconds"]
-        out["parallel_ratio"] = statistics.median(par_times["round_seconds"]) / train_only
+        out["parallel_ratio"] = statistics.median(par_times["round_seconds"]) / with_eval
     return out
 
 

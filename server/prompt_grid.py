@@ -4,8 +4,10 @@ Flower 1.42's deployment grid (``GrpcGrid``/HTTP grid) waits 3 s between two pul
 replies in ``send_and_receive``: on average 1.5 s lost per phase of every round, whatever the
 sites' compute. ``Grid.send_and_receive`` is documented as ``push_messages`` followed by
 ``pull_messages`` until every reply is in or the timeout passes; this wrapper does exactly
-that through the same grid, pulling every ``poll_s`` seconds (Flower's in-memory simulation
-grid pulls every 0.1 s). Everything else goes straight to the wrapped grid.
+that through the same grid, first after 0.1 s (as Flower's in-memory simulation grid does),
+then less and less often up to once a second: a short round loses little to the wait, and a
+long one does not flood the SuperLink (and its access log) with pulls. Everything else goes
+straight to the wrapped grid.
 """
 
 from __future__ import annotations
@@ -21,17 +23,19 @@ if TYPE_CHECKING:
     from flwr.proto.node_pb2 import NodeInfo  # pylint: disable=E0611
     from flwr.supercore.run import Run
 
-DEFAULT_POLL_S = 0.2
+FIRST_POLL_S = 0.1
+MAX_POLL_S = 1.0
+POLL_GROWTH = 1.5
 
 
 class PromptGrid(Grid):
     """Delegates to ``grid``; only the wait for replies in :meth:`send_and_receive` is shorter."""
 
-    def __init__(self, grid: Grid, poll_s: float = DEFAULT_POLL_S) -> None:
-        if poll_s <= 0:
-            raise ValueError(f"poll_s must be > 0, got {poll_s}")
+    def __init__(self, grid: Grid, first_poll_s: float = FIRST_POLL_S, max_poll_s: float = MAX_POLL_S) -> None:
+        if not 0 < first_poll_s <= max_poll_s:
+            raise ValueError(f"need 0 < first_poll_s <= max_poll_s, got {first_poll_s} and {max_poll_s}")
         self._grid = grid
-        self.poll_s = poll_s
+        self.first_poll_s, self.max_poll_s = first_poll_s, max_poll_s
 
     def set_run(self, run: Run) -> None:
         self._grid.set_run(run)
@@ -60,11 +64,13 @@ class PromptGrid(Grid):
         pending = {mid for mid in self.push_messages(list(messages)) if mid}
         deadline = None if timeout is None else time.monotonic() + timeout
         replies: list[Message] = []
+        wait = self.first_poll_s
         while pending:
             received = list(self.pull_messages(pending))
             replies.extend(received)
             pending -= {msg.metadata.reply_to_message_id for msg in received}
             if not pending or (deadline is not None and time.monotonic() >= deadline):
                 break
-            time.sleep(self.poll_s)
+            time.sleep(wait if deadline is None else min(wait, max(0.0, deadline - time.monotonic())))
+            wait = min(self.max_poll_s, wait * POLL_GROWTH)
         return replies
