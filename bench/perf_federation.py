@@ -144,6 +144,11 @@ def simulation_overhead(root: Path, rounds: int, local_steps: int, parallel_too:
     return out
 
 
+# Each status query starts the flwr CLI (about a CPU-second): rarely, so that it does not take
+# the cores from the sites being measured. Round times come from metrics.jsonl, not from it.
+STATUS_POLL_S = 10.0
+
+
 def _exe(name: str) -> str:
     return str(Path(sys.executable).parent / name)
 
@@ -205,13 +210,14 @@ def deployment_overhead(root: Path, rounds: int, model: dict, secure: bool = Fal
                 auth = (layout.ca_cert, layout.site_key(path.parent.name))
                 nodes.enter_context(_supernode(remote.address, path, root / f"{path.parent.name}.log", auth))
             run_id = remote.submit(PROJECT_ROOT, {keys.RUN_CONFIG_PATH: str(fed.config_path)})
-            status = follow_run(run_id, lambda: remote.status(run_id), fed.cfg, timeout_s, False)
+            status = follow_run(run_id, lambda: remote.status(run_id), fed.cfg, timeout_s, False, poll_s=STATUS_POLL_S)
     else:
         with local_superlink(root / "flower", simulation=False) as link, ExitStack() as nodes:
             for path in fed.site_paths:
                 nodes.enter_context(_supernode(link.address, path, root / f"{path.parent.name}.log"))
             run_id = submit_run(link, PROJECT_ROOT, {keys.RUN_CONFIG_PATH: str(fed.config_path)}, num_supernodes=None)
-            status = follow_run(run_id, lambda: str(run_status(link, run_id).get("status", "")), fed.cfg, timeout_s, False)
+            status = follow_run(run_id, lambda: str(run_status(link, run_id).get("status", "")), fed.cfg, timeout_s, False,
+                                poll_s=STATUS_POLL_S)
             save_run_log(link, run_id, root / "run.log")
     if status != "finished:completed":
         raise RuntimeError(f"deployment run ended as {status} after {completed_rounds(fed.cfg.federation.metrics_file)} rounds")
@@ -249,14 +255,21 @@ def timeline(fed: Federation) -> dict:
             for kind, d in (("dispatch_to_handler", dispatch), ("handler_to_aggregate", handle)) for phase, v in d.items()}
 
 
-def clientapp_import_seconds() -> dict:
-    """What every message costs a real SuperNode before our handler runs: a fresh process importing the ClientApp."""
+def _fresh_import(statement: str) -> dict:
     start = time.perf_counter()
     before = os.times()
-    subprocess.run([sys.executable, "-c", "import client.client_app"], cwd=PROJECT_ROOT, check=True)
+    subprocess.run([sys.executable, "-c", statement], cwd=PROJECT_ROOT, check=True)
     after = os.times()
     return {"wall_s": time.perf_counter() - start,
             "cpu_s": (after.children_user - before.children_user) + (after.children_system - before.children_system)}
+
+
+def clientapp_import_seconds() -> dict:
+    """What every message costs a real SuperNode in imports: a fresh process loading the ClientApp module
+    (before any handler runs), and what a train task then imports (torch, MONAI, Opacus: in the handler)."""
+    return {**_fresh_import("import client.client_app"),
+            "train_task": _fresh_import("import client.client_app, client.site_data, client.training, opacus"),
+            "evaluate_task": _fresh_import("import client.client_app, client.site_data, client.training")}
 
 
 def run(quick: bool, workdir: Path) -> dict:
