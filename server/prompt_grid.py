@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
-from flwr.superlink.grid import InMemoryGrid
+from flwr.superlink.grid import HttpGrid
 
 if TYPE_CHECKING:
     from flwr.proto.node_pb2 import NodeInfo  # pylint: disable=E0611
@@ -30,9 +30,10 @@ POLL_GROWTH = 1.5
 
 
 def prompt(grid: Grid) -> Grid:
-    """``grid`` wrapped in :class:`PromptGrid`, except Flower's in-memory simulation grid, which
-    already pulls every 0.1 s at no cost (no HTTP, no log line): backing off would only slow it."""
-    return grid if isinstance(grid, InMemoryGrid) else PromptGrid(grid)
+    """Flower's deployment grid (``HttpGrid``, what ``flwr-serverapp`` hands the ServerApp) wrapped in
+    :class:`PromptGrid`; any other grid as it is. The in-memory simulation grid already pulls every
+    0.1 s, and a grid that wraps Flower's own (a test's recorder) must keep its ``send_and_receive``."""
+    return PromptGrid(grid) if type(grid) is HttpGrid else grid
 
 
 class PromptGrid(Grid):
