@@ -2,13 +2,16 @@
 
 * Simulation (Flower's simulation engine, Ray): per-round time from ``metrics.jsonl``
   (``round_seconds`` of the train phase, and the time between consecutive rounds, which also
-  holds the evaluate phase) for rounds after the first, vs ``train_round`` (and
-  ``validation_loss``) of every site in turn in this process with 1 torch thread. Sites run
+  holds an evaluate phase where the config asks for one) for rounds after the first, vs
+  ``train_round`` + ``validation_loss`` (what a train handler runs) of every site in turn in
+  this process with 1 torch thread. Sites run
   one at a time (``client-resources-num-cpus=2`` on 2 cores) so both sides do the same work
   on the same core; the default (one CPU per site, two sites at once) is measured too.
   The fixed start-up/shutdown cost is the run's wall time minus its rounds.
-* Deployment (a plain SuperLink and real ``flower-supernode --insecure`` processes on
-  127.0.0.1): time per round beyond the sites' own compute, for a 10M-parameter model.
+* Deployment (a SuperLink and real ``flower-supernode`` processes on 127.0.0.1): time per
+  round beyond the sites' own compute, plain (``--insecure``) and as in production (TLS with
+  the certificates of ``fedsynth provision`` and SuperNode authentication with registered
+  keys), for 1.1M- and 10M-parameter models.
 """
 
 from __future__ import annotations
@@ -32,7 +35,11 @@ from client.ledger import PrivacyLedger
 from client.training import plan_steps, split_patients, train_round, validation_loss
 from common import keys
 from common.model import build_unet, count_parameters, trainable_state
-from server.local_federation import flower_env, free_port, local_superlink, run_status, save_run_log, stop_process_tree, submit_run
+from server import kits
+from server.local_federation import (SUPEREXEC_POLL_ENV, flower_env, free_port, local_superlink, run_status, save_run_log,
+                                     stop_process_tree, stop_processes_with_env, submit_run, wait_for_port)
+from server.provision import ProvisionRequest, provision
+from server.remote_run import CONNECTION as REMOTE_CONNECTION, RemoteSuperLink
 from server.simulation import PROJECT_ROOT, completed_rounds, follow_run
 
 
@@ -105,8 +112,9 @@ def simulation_overhead(root: Path, rounds: int, local_steps: int, parallel_too:
         return (sum(before[key]) + sum(after[key])) / 2
 
     train_only = mean_sum("train_s")
+    # A train reply carries the validation loss of the trained model: the site's work in the train phase
     with_eval = train_only + mean_sum("eval_s")
-    baseline_cpu = mean_sum("train_cpu_s")
+    baseline_cpu = mean_sum("train_cpu_s") + mean_sum("eval_cpu_s")
     per_round = statistics.median(times["round_seconds"])
     per_round_wall = statistics.median(times["round_wall_s"])
     # CPU seconds of the whole process tree (SuperLink, ServerApp, Ray, the sites) per train phase:
@@ -119,7 +127,7 @@ def simulation_overhead(root: Path, rounds: int, local_steps: int, parallel_too:
         "sim_round_seconds": times["round_seconds"], "sim_round_wall_s": times["round_wall_s"],
         "sim_first_round_s": times["first_round_seconds"], "sim_total_s": wall,
         "startup_shutdown_s": wall - times["first_round_seconds"] - sum(times["round_wall_s"]),
-        "overhead_ratio": per_round / train_only,
+        "overhead_ratio": per_round / with_eval,
         "overhead_ratio_with_evaluate": per_round_wall / with_eval,
         "in_process_train_cpu_s": baseline_cpu, "sim_round_tree_cpu_s": tree_cpu,
         "overhead_ratio_cpu": statistics.median(tree_cpu) / baseline_cpu if tree_cpu else float("nan"),
@@ -132,17 +140,27 @@ def simulation_overhead(root: Path, rounds: int, local_steps: int, parallel_too:
         out["parallel_total_s"] = simulate(par, root / "par" / "work", cpus_per_site=1)
         par_times = round_times(par)
         out["parallel_round_seconds"] = par_times["round_seconds"]
-        out["parallel_ratio"] = statistics.median(par_times["round_seconds"]) / train_only
+        out["parallel_ratio"] = statistics.median(par_times["round_seconds"]) / with_eval
     return out
 
 
+# Each status query starts the flwr CLI (about a CPU-second): rarely, so that it does not take
+# the cores from the sites being measured. Round times come from metrics.jsonl, not from it.
+STATUS_POLL_S = 10.0
+
+
+def _exe(name: str) -> str:
+    return str(Path(sys.executable).parent / name)
+
+
 @contextmanager
-def _supernode(address: str, site_yaml: Path, log: Path) -> Iterator[subprocess.Popen]:
-    exe = Path(sys.executable).parent / "flower-supernode"
-    cmd = [str(exe), "--insecure", "--superlink", address, "--port", str(free_port()),
+def _supernode(address: str, site_yaml: Path, log: Path, auth: tuple[Path, Path] | None = None) -> Iterator[subprocess.Popen]:
+    """A real SuperNode; ``auth`` = (CA certificate, the site's private key) for TLS + node authentication."""
+    security = ["--insecure"] if auth is None else ["--root-certificates", str(auth[0]), "--auth-supernode-private-key", str(auth[1])]
+    cmd = [_exe("flower-supernode"), *security, "--superlink", address, "--port", str(free_port()),
            "--node-config", f'site-config="{site_yaml}" num-threads=1']
     with open(log, "ab") as handle:
-        proc = subprocess.Popen(cmd, env=flower_env(log.parent / "flwr-home-nodes"), stdout=handle,
+        proc = subprocess.Popen(cmd, env={**flower_env(log.parent / "flwr-home-nodes"), **SUPEREXEC_POLL_ENV}, stdout=handle,
                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
     try:
         yield proc
@@ -150,17 +168,57 @@ def _supernode(address: str, site_yaml: Path, log: Path) -> Iterator[subprocess.
         stop_process_tree(proc)
 
 
-def deployment_overhead(root: Path, rounds: int, model: dict, timeout_s: float = 900.0) -> dict:
-    """Real SuperLink + 2 SuperNodes on loopback; 1 local step of batch 4 at 16 px, so transfer dominates."""
+@contextmanager
+def _secure_superlink(root: Path, layout: kits.Layout, sites: list[str]) -> Iterator[RemoteSuperLink]:
+    """A SuperLink as ``start-superlink.sh`` starts it (TLS, only registered SuperNodes), the sites' keys registered."""
+    flwr_home = root / "flwr-home"
+    port = free_port()
+    server = layout.server_dir
+    cmd = [_exe("flower-superlink"), "--ssl-ca-certfile", str(server / kits.CA_CERT), "--ssl-certfile", str(server / kits.SERVER_CERT),
+           "--ssl-keyfile", str(server / kits.SERVER_KEY), "--enable-supernode-auth", "--isolation", "subprocess",
+           "--disable-runtime-dependency-installation", "--host", "127.0.0.1", "--port", str(port)]
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / "superlink.log", "ab") as handle:
+        proc = subprocess.Popen(cmd, cwd=root, env={**flower_env(flwr_home), **SUPEREXEC_POLL_ENV}, stdout=handle,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+    try:
+        wait_for_port(proc, f"127.0.0.1:{port}", 60.0, root / "superlink.log")
+        link = RemoteSuperLink(f"127.0.0.1:{port}", server / kits.CA_CERT, flwr_home)
+        for site in sites:
+            reg = link.flwr("supernode", "register", str(layout.registered_key(site)), REMOTE_CONNECTION, "--name", site)
+            if reg.returncode != 0:
+                raise RuntimeError(f"registering {site} failed: {reg.stdout}{reg.stderr}")
+        yield link
+    finally:
+        stop_process_tree(proc)
+        stop_processes_with_env("FLWR_HOME", str(flwr_home))
+
+
+def deployment_overhead(root: Path, rounds: int, model: dict, secure: bool = False, timeout_s: float = 900.0) -> dict:
+    """Real SuperLink + 2 SuperNodes on loopback; 1 local step of batch 4 at 16 px, so transfer dominates.
+
+    ``secure``: TLS and SuperNode authentication, with the kits of ``fedsynth provision``.
+    """
     fed = make_federation(root, 2, model=model, image_size=16, training={"local_steps": 1, "batch_size": 4},
                           federation={"num_rounds": rounds}, patients_per_class=8)
     start = time.perf_counter()
-    with local_superlink(root / "flower", simulation=False) as link, ExitStack() as nodes:
-        for path in fed.site_paths:
-            nodes.enter_context(_supernode(link.address, path, root / f"{path.parent.name}.log"))
-        run_id = submit_run(link, PROJECT_ROOT, {keys.RUN_CONFIG_PATH: str(fed.config_path)}, num_supernodes=None)
-        status = follow_run(run_id, lambda: str(run_status(link, run_id).get("status", "")), fed.cfg, timeout_s, False)
-        save_run_log(link, run_id, root / "run.log")
+    if secure:
+        names = [path.parent.name for path in fed.site_paths]
+        layout = provision(ProvisionRequest(out=root / "kits", sites=tuple(names), server_host="127.0.0.1")).layout
+        with _secure_superlink(root / "flower", layout, names) as remote, ExitStack() as nodes:
+            for path in fed.site_paths:
+                auth = (layout.ca_cert, layout.site_key(path.parent.name))
+                nodes.enter_context(_supernode(remote.address, path, root / f"{path.parent.name}.log", auth))
+            run_id = remote.submit(PROJECT_ROOT, {keys.RUN_CONFIG_PATH: str(fed.config_path)})
+            status = follow_run(run_id, lambda: remote.status(run_id), fed.cfg, timeout_s, False, poll_s=STATUS_POLL_S)
+    else:
+        with local_superlink(root / "flower", simulation=False) as link, ExitStack() as nodes:
+            for path in fed.site_paths:
+                nodes.enter_context(_supernode(link.address, path, root / f"{path.parent.name}.log"))
+            run_id = submit_run(link, PROJECT_ROOT, {keys.RUN_CONFIG_PATH: str(fed.config_path)}, num_supernodes=None)
+            status = follow_run(run_id, lambda: str(run_status(link, run_id).get("status", "")), fed.cfg, timeout_s, False,
+                                poll_s=STATUS_POLL_S)
+            save_run_log(link, run_id, root / "run.log")
     if status != "finished:completed":
         raise RuntimeError(f"deployment run ended as {status} after {completed_rounds(fed.cfg.federation.metrics_file)} rounds")
     wall = time.perf_counter() - start
@@ -168,7 +226,8 @@ def deployment_overhead(root: Path, rounds: int, model: dict, timeout_s: float =
     work = in_process_round(fed, root / "baseline")
     site_compute = max(t + e for t, e in zip(work["train_s"], work["eval_s"]))
     per_round = statistics.median(times["round_wall_s"])
-    return {"sites": 2, "rounds": rounds, "params": count_parameters(build_unet(fed.cfg.model)),
+    return {"sites": 2, "rounds": rounds, "params": count_parameters(build_unet(fed.cfg.model)), "tls_node_auth": secure,
+            "evaluate_every": fed.cfg.federation.evaluate_every,
             "round_wall_s": times["round_wall_s"], "round_seconds": times["round_seconds"],
             "site_compute_s": site_compute, "beyond_training_s": per_round - site_compute, "total_s": wall,
             "timeline": timeline(fed), "clientapp_import": clientapp_import_seconds()}
@@ -196,14 +255,21 @@ def timeline(fed: Federation) -> dict:
             for kind, d in (("dispatch_to_handler", dispatch), ("handler_to_aggregate", handle)) for phase, v in d.items()}
 
 
-def clientapp_import_seconds() -> dict:
-    """What every message costs a real SuperNode before our handler runs: a fresh process importing the ClientApp."""
+def _fresh_import(statement: str) -> dict:
     start = time.perf_counter()
     before = os.times()
-    subprocess.run([sys.executable, "-c", "import client.client_app"], cwd=PROJECT_ROOT, check=True)
+    subprocess.run([sys.executable, "-c", statement], cwd=PROJECT_ROOT, check=True)
     after = os.times()
     return {"wall_s": time.perf_counter() - start,
             "cpu_s": (after.children_user - before.children_user) + (after.children_system - before.children_system)}
+
+
+def clientapp_import_seconds() -> dict:
+    """What every message costs a real SuperNode in imports: a fresh process loading the ClientApp module
+    (before any handler runs), and what a train task then imports (torch, MONAI, Opacus: in the handler)."""
+    return {**_fresh_import("import client.client_app"),
+            "train_task": _fresh_import("import client.client_app, client.site_data, client.training, opacus"),
+            "evaluate_task": _fresh_import("import client.client_app, client.site_data, client.training")}
 
 
 def run(quick: bool, workdir: Path) -> dict:
@@ -211,7 +277,10 @@ def run(quick: bool, workdir: Path) -> dict:
     if not quick:  # the overhead is per message: more local work per round dilutes it
         sim["longer_rounds"] = simulation_overhead(workdir / "simulation-40", rounds=4, local_steps=40, parallel_too=False)
         sim["longer_rounds"].pop("state_dirs")
-    deploy = deployment_overhead(workdir / "deployment", rounds=2 if quick else 4, model=SMALL if quick else PARAMS_10M)
-    return {"simulation": sim, "deployment": deploy, "federation_overhead_ratio": sim["overhead_ratio"],
-            "federation_overhead_ratio_cpu": sim["overhead_ratio_cpu"],
-            "deployment_beyond_training_s": deploy["beyond_training_s"]}
+    rounds = 3 if quick else 5
+    deploy = deployment_overhead(workdir / "deployment", rounds=rounds, model=SMALL)
+    secure = deployment_overhead(workdir / "deployment-10m-tls", rounds=rounds, model=PARAMS_10M, secure=True)
+    return {"simulation": sim, "deployment": deploy, "deployment_10m_tls_auth": secure,
+            "federation_overhead_ratio": sim["overhead_ratio"], "federation_overhead_ratio_cpu": sim["overhead_ratio_cpu"],
+            "deployment_beyond_training_s": deploy["beyond_training_s"],
+            "deployment_beyond_training_s_10m_tls_auth": secure["beyond_training_s"]}

@@ -35,9 +35,11 @@ HEADLINES = {"dp_time_ratio": ("dp", "dp_time_ratio"), "dp_memory_ratio": ("dp",
              "ddim_speedup": ("sampling", "ddim_speedup"), "bytes_ratio": ("transfer", "bytes_ratio"),
              "bytes_ratio_float16": ("transfer", "bytes_ratio_float16"),
              "deployment_beyond_training_s": ("federation", "deployment_beyond_training_s"),
+             "deployment_beyond_training_s_10m_tls_auth": ("federation", "deployment_beyond_training_s_10m_tls_auth"),
              "cfg_cost": ("sampling", "cfg_cost")}
 TARGETS = {"dp_time_ratio": ("<=", 1.3), "dp_memory_ratio": ("<=", 1.3), "federation_overhead_ratio": ("<=", 1.10),
-           "ddim_speedup": (">=", 19.0), "bytes_ratio": ("<=", 1.02), "deployment_beyond_training_s": ("<=", 2.0)}
+           "ddim_speedup": (">=", 19.0), "bytes_ratio": ("<=", 1.02), "deployment_beyond_training_s": ("<=", 5.0),
+           "deployment_beyond_training_s_10m_tls_auth": ("<=", 5.0)}
 
 
 def run_section(name: str, quick: bool, workdir: Path, results: dict) -> dict:
@@ -78,7 +80,7 @@ def summary_lines(out: dict) -> list[str]:
         if value is not None and target:
             op, limit = target
             status = f"  target {op} {limit}: " + ("met" if (value <= limit if op == "<=" else value >= limit) else "NOT met")
-        lines.append(f"{key:32s} {'-' if value is None else f'{value:.3f}'}{status}")
+        lines.append(f"{key:42s} {'-' if value is None else f'{value:.3f}'}{status}")
     return lines
 
 

@@ -19,22 +19,28 @@ import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.audit_log import TaskRecord, append_task_record
 from client.audit_policy import enforce_audit_policy, is_query
 from client.policy import SitePolicy, check_app, check_model_size, load_site_policy, running_app_hash
-from client.site_data import SiteSlices, load_site_slices_cached, require_readable
 from client.task_config import checked_task_config, config_summary
-from client.training import TrainResult, train_round, validation_loss
 from client.memorisation_audit import AuditRequest, answer_audit, unpack_request
 from common import keys
 from common.config import FedsynthConfig, SiteConfig, config_from_dict, load_site_config
 from common.errors import ConfigError, FedsynthError, PolicyError, PrivacyBudgetError, SiteDataError
 from common.transfer import encode_update
+
+if TYPE_CHECKING:
+    from client.site_data import SiteSlices
+    from client.training import TrainResult
+
+# torch, MONAI and Opacus are imported by the handlers that need them, not here: a deployed
+# SuperNode starts a fresh process for every message, and a module-level import of the
+# training code cost seconds before any handler ran (docs/performance.md).
 
 log = logging.getLogger("fedsynth.client")
 app = ClientApp()
@@ -93,10 +99,14 @@ def _set_threads(context: Context) -> None:
     if threads is None and keys.NODE_PARTITION_ID in context.node_config:
         threads = 1  # simulated sites share the machine's cores: oversubscription costs far more than it gains
     if threads:
+        import torch
+
         torch.set_num_threads(int(threads))
 
 
 def _prepare(msg: Message, site: SiteConfig, record: TaskRecord) -> SiteTask:
+    from client.site_data import load_site_slices_cached, require_readable
+
     raw = msg.content[keys.CONFIG].get(keys.FEDERATION_CONFIG)
     if raw is None:
         raise ConfigError(f"message has no '{keys.FEDERATION_CONFIG}' entry", public="message has no federation config")
@@ -168,13 +178,21 @@ def audited(handler: Callable[[Message, SiteTask], Message]) -> Callable[[Messag
 @app.train()
 @audited
 def train(msg: Message, task: SiteTask) -> Message:
-    """One round of DP-SGD on the site's data from the global weights."""
+    """One round of DP-SGD on the site's data from the global weights, and the trained model's validation loss."""
+    from client.training import train_round, validation_loss
+
     result = train_round(task.cfg, task.site, task.slices, task.arrays, run_id=task.record.run_id,
                          server_round=task.record.server_round, policy=task.policy, app_hash=task.record.app_hash)
     task.record.steps = result.steps
     task.record.epsilon_before, task.record.epsilon_after = result.epsilon_before, result.epsilon
     task.record.unsafe_reproducible_dp = result.unsafe_reproducible_dp
-    return Message(content=train_reply_content(result, task.site.site_id, task.cfg.federation.transfer_dtype), reply_to=msg)
+    content = train_reply_content(result, task.site.site_id, task.cfg.federation.transfer_dtype)
+    # In the train reply rather than a separate evaluate message, which costs every site another round
+    # trip. Held-out patients are never trained on: this number is outside epsilon, as it always was.
+    val_loss, val_count = validation_loss(task.cfg, task.slices, result.arrays, task.site.val_fraction)
+    content[keys.METRICS][keys.VAL_LOSS] = val_loss if val_count else 0.0  # weight 0; NaN would poison the mean
+    content[keys.METRICS][keys.VAL_EXAMPLES] = val_count
+    return Message(content=content, reply_to=msg)
 
 
 def train_reply_content(result: TrainResult, site_id: str, transfer_dtype: str) -> RecordDict:
@@ -202,6 +220,8 @@ def train_reply_content(result: TrainResult, site_id: str, transfer_dtype: str) 
 @audited
 def evaluate(msg: Message, task: SiteTask) -> Message:
     """Validation loss of the global weights on the site's held-out patients."""
+    from client.training import validation_loss
+
     loss, count = validation_loss(task.cfg, task.slices, task.arrays, task.site.val_fraction)
     if count == 0:
         loss = 0.0  # carries no weight in the average; NaN would poison it

@@ -14,16 +14,20 @@ import math
 import warnings
 from collections.abc import Iterable
 from functools import lru_cache, partial
+from typing import TYPE_CHECKING
 
 import torch
-from opacus import PrivacyEngine
-from opacus.accountants import PRVAccountant, RDPAccountant
-from opacus.accountants.accountant import IAccountant
-from opacus.accountants.analysis.prv import PoissonSubsampledGaussianPRV, compute_safe_domain_size
-from opacus.data_loader import DPDataLoader
 from torch.utils.data import DataLoader, Dataset
 
 from client.dp_sgd import DPSGDStep, LocalStep, PlainStep
+
+if TYPE_CHECKING:
+    from opacus.accountants.accountant import IAccountant
+    from opacus.data_loader import DPDataLoader
+
+# Opacus is imported where it is used, not here: importing it costs about 2 CPU-seconds
+# (torch.distributed, scipy.signal), and a deployed site pays that in a fresh process for
+# every message, including evaluate and audit tasks that never touch it.
 
 # Opacus' hooks fire on the first layer, whose input needs no gradient; the warning is noise.
 warnings.filterwarnings("ignore", message="Full backward hook is firing")
@@ -54,6 +58,8 @@ def expected_batch_size(num_patients: int, batch_size: int) -> int:
 
 def poisson_loader(dataset: Dataset, batch_size: int, generator: torch.Generator | None = None) -> DPDataLoader:
     """Opacus' Poisson-sampled loader, built exactly as ``PrivacyEngine.make_private`` builds it."""
+    from opacus.data_loader import DPDataLoader
+
     loader = DPDataLoader.from_data_loader(DataLoader(dataset, batch_size=batch_size, shuffle=False, generator=generator))
     _check_sample_rate(float(loader.sample_rate), len(dataset), batch_size)  # type: ignore[arg-type]
     return loader
@@ -66,6 +72,8 @@ def _check_sample_rate(sample_rate: float, num_patients: int, batch_size: int) -
 
 
 def _accountant(name: str) -> IAccountant:
+    from opacus.accountants import PRVAccountant, RDPAccountant
+
     if name == "prv":
         return PRVAccountant()
     if name == "rdp":
@@ -122,6 +130,8 @@ def prv_domain_points(merged: Iterable[Mechanism], delta: float) -> int:
     """
     merged = list(merged)
     eps_error, delta_error = PRV_EPS_ERROR, delta / 1000
+    from opacus.accountants.analysis.prv import PoissonSubsampledGaussianPRV, compute_safe_domain_size
+
     prvs = [PoissonSubsampledGaussianPRV(q, sigma) for sigma, q, _ in merged]
     steps = [n for _, _, n in merged]
     with warnings.catch_warnings():
@@ -181,6 +191,8 @@ def make_private(
     Returns:
         The wrapped model, optimiser, loader and the sampling rate the accountant must use.
     """
+    from opacus import PrivacyEngine
+
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, generator=generator)
     with warnings.catch_warnings():
         # Opacus warns that secure_mode is off: its RNG is not cryptographically strong.

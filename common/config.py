@@ -181,6 +181,10 @@ class FederationConfig:
     max_update_norm: float = 0.0
     # dtype of the weights each site sends back: float16 halves the upload; averaging stays float32.
     transfer_dtype: str = "float32"
+    # A separate evaluate phase (the global model on every site's held-out patients) every N rounds;
+    # 0 = never. Each train reply already carries the validation loss of the site's trained model,
+    # and each phase costs every site a message (in deployment a fresh ClientApp process).
+    evaluate_every: int = 0
 
     def __post_init__(self) -> None:
         require(self.transfer_dtype in TRANSFER_DTYPES, "transfer_dtype",
@@ -196,6 +200,7 @@ class FederationConfig:
                  f"must be in [1, min_train_nodes ({self.min_train_nodes})], got {self.quorum}")
         require(self.node_wait_timeout_s > 0, "node_wait_timeout_s", f"must be > 0, got {self.node_wait_timeout_s}")
         require(self.max_update_norm >= 0, "max_update_norm", f"must be >= 0, got {self.max_update_norm}")
+        require(self.evaluate_every >= 0, "evaluate_every", f"must be >= 0 (0 = never), got {self.evaluate_every}")
 
     @property
     def checkpoint_dir(self) -> Path:

@@ -13,6 +13,7 @@ SERVER_ROUND = "server-round"
 NUM_EXAMPLES = "num-examples"
 TRAIN_LOSS = "train-loss"
 VAL_LOSS = "val-loss"
+VAL_EXAMPLES = "val-num-examples"  # in a train reply, where num-examples counts training patients
 EPSILON = "epsilon"
 DELTA = "delta"
 STEPS = "steps"

@@ -11,13 +11,15 @@ FROM python:3.11-slim-bookworm
 
 # No telemetry, no update checks. A SuperNode installs app dependencies only when started with
 # --allow-runtime-dependency-installation, which this image never passes; the variable below
-# is for the SuperLink and harmless here.
+# is for the SuperLink and harmless here. The SuperExec that the SuperNode starts looks for a new
+# task every 0.1 s instead of every second: each message's ClientApp process starts sooner.
 ENV PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     FLWR_TELEMETRY_ENABLED=0 \
     FLWR_DISABLE_UPDATE_CHECK=1 \
     FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1 \
+    FLWR_SUPEREXEC_TASK_POLL_INTERVAL=0.1 \
     FLWR_HOME=/tmp/flwr \
     HOME=/tmp
 

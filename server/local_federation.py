@@ -33,6 +33,10 @@ FLOWER_ENV = {
     "PYTHONUNBUFFERED": "1",
 }
 CONNECTION = "fedsynth-local"
+# flower-superexec (which a SuperNode in subprocess isolation starts) looks for a new task once
+# a second by default; each message waits half of that on average before its ClientApp process
+# starts. Flower 1.42 reads this variable (0.01 to 60 s) in flower-superexec.
+SUPEREXEC_POLL_ENV = {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1"}
 
 
 def free_port() -> int:
@@ -201,17 +205,22 @@ def local_superlink(workdir: Path, startup_timeout_s: float = 60.0, simulation: 
 
 
 def _wait_ready(link: LocalSuperLink, timeout_s: float) -> None:
-    host, port = link.address.split(":")
+    wait_for_port(link.process, link.address, timeout_s, link.log_file)
+
+
+def wait_for_port(process: subprocess.Popen, address: str, timeout_s: float, log_file: Path) -> None:
+    """Until ``process`` (a SuperLink) accepts connections at ``address``; a clear error if it dies or hangs."""
+    host, port = address.split(":")
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if link.process.poll() is not None:
-            raise FederationError(f"flower-superlink exited with code {link.process.returncode}; see {link.log_file}")
+        if process.poll() is not None:
+            raise FederationError(f"flower-superlink exited with code {process.returncode}; see {log_file}")
         try:
             with socket.create_connection((host, int(port)), timeout=0.5):
                 return
         except OSError:
             time.sleep(0.3)
-    raise FederationError(f"flower-superlink did not start within {timeout_s:.0f} s; see {link.log_file}")
+    raise FederationError(f"flower-superlink did not start within {timeout_s:.0f} s; see {log_file}")
 
 
 def submit_run(link: LocalSuperLink, app_dir: Path, run_config: dict[str, str], num_supernodes: int | None,

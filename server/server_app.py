@@ -14,6 +14,7 @@ from common.config import FedsynthConfig, config_to_json, load_federation_config
 from common.errors import ConfigError
 from common.model import build_unet, trainable_state
 from server.audit_app import run_audit_app
+from server.prompt_grid import prompt
 from server.strategy import CheckpointingFedAvg, arrays_to_numpy
 
 log = logging.getLogger("fedsynth.server")
@@ -52,7 +53,7 @@ def main(grid: Grid, context: Context) -> None:
         strategy = CheckpointingFedAvg(cfg, rounds_done=rounds_done, sites=sites)
         message_config = ConfigRecord({keys.FEDERATION_CONFIG: config_to_json(cfg)})
         result = strategy.start(
-            grid=grid,
+            grid=prompt(grid),
             initial_arrays=ArrayRecord(array_dict={k: Array(v) for k, v in arrays.items()}),
             num_rounds=remaining,
             timeout=cfg.federation.round_timeout_s,

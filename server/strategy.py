@@ -50,6 +50,22 @@ def keep_shared_metrics(replies: list[Message]) -> None:
             del record[key]
 
 
+def aggregate_train_metrics(records: list[RecordDict], weighting_key: str) -> MetricRecord:
+    """FedAvg's weighted mean of the train metrics, except the validation loss: a train reply
+    weighs by its training patients, the validation loss by the site's held-out slices (sites
+    without any carry no weight)."""
+    metrics = aggregate_metricrecords(records, weighting_key)
+    val = [next(iter(r.metric_records.values())) for r in records]
+    val = [m for m in val if keys.VAL_LOSS in m and float(m.get(keys.VAL_EXAMPLES, 0)) > 0]
+    metrics.pop(keys.VAL_LOSS, None)
+    metrics.pop(keys.VAL_EXAMPLES, None)
+    if val:
+        count = sum(float(m[keys.VAL_EXAMPLES]) for m in val)
+        metrics[keys.VAL_LOSS] = sum(float(m[keys.VAL_LOSS]) * float(m[keys.VAL_EXAMPLES]) for m in val) / count
+        metrics[keys.VAL_EXAMPLES] = int(count)
+    return metrics
+
+
 def _finite_or_none(value: float) -> float | None:
     """JSON has no infinity: a non-private site's epsilon is written as null."""
     return value if math.isfinite(value) else None
@@ -76,6 +92,7 @@ class CheckpointingFedAvg(FedAvg):
             weighted_by_key=keys.NUM_EXAMPLES,
             arrayrecord_key=keys.ARRAYS,
             configrecord_key=keys.CONFIG,
+            train_metrics_aggr_fn=aggregate_train_metrics,
             evaluate_metrics_aggr_fn=aggregate_nonempty_metrics,
         )
         self.cfg = cfg
@@ -107,7 +124,15 @@ class CheckpointingFedAvg(FedAvg):
         self._sent = list(super().configure_train(self.rounds_done + server_round, arrays, config, grid))
         return self._sent
 
+    def evaluates_in(self, fed_round: int) -> bool:
+        """Whether round ``fed_round`` (of the federation, resumed runs included) has an evaluate phase."""
+        every = self.cfg.federation.evaluate_every
+        return every > 0 and fed_round % every == 0
+
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        if not self.evaluates_in(self.rounds_done + server_round):
+            self._sent = []
+            return self._sent  # no messages: Flower's loop sends nothing and aggregates nothing
         self._wait_for_nodes(grid, self.rounds_done + server_round)
         self._sent = list(super().configure_evaluate(self.rounds_done + server_round, arrays, config, grid))
         return self._sent

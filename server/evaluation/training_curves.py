@@ -3,7 +3,9 @@
 Rows are ``{"round", "phase": "train"|"evaluate", "kind": "site"|"aggregate"|"failure", ...}``
 with ``val-loss`` and ``epsilon`` among the numbers, and ``train-loss`` only from non-private
 training (a DP site keeps its training loss: epsilon does not cover it), so the train curves of
-a DP run are empty. A line that does not parse (one being written when the file was read) is skipped.
+a DP run are empty. ``val-loss`` comes with every train reply (the site's model after its local
+training) and, in rounds with an evaluate phase, from that phase (the aggregated model), which is
+preferred. A line that does not parse (one being written when the file was read) is skipped.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ def read_training_curves(run_dir: str | Path) -> dict:
     path = find_metrics_file(run_dir)
     train: Series = []
     val: Series = []
+    val_trained: Series = []
     site_loss: dict[str, Series] = {}
     epsilon: dict[str, Series] = {}
     failures = 0
@@ -56,8 +59,11 @@ def read_training_curves(run_dir: str | Path) -> dict:
         phase, kind = row.get("phase"), row.get("kind")
         if kind == "failure":
             failures += 1
-        elif kind == "aggregate" and phase == "train" and _number(row.get(keys.TRAIN_LOSS)) is not None:
-            train.append((rnd, float(row[keys.TRAIN_LOSS])))
+        elif kind == "aggregate" and phase == "train":
+            if _number(row.get(keys.TRAIN_LOSS)) is not None:
+                train.append((rnd, float(row[keys.TRAIN_LOSS])))
+            if _number(row.get(keys.VAL_LOSS)) is not None:  # the sites' trained models, sent with their updates
+                val_trained.append((rnd, float(row[keys.VAL_LOSS])))
         elif kind == "aggregate" and phase == "evaluate" and _number(row.get(keys.VAL_LOSS)) is not None:
             val.append((rnd, float(row[keys.VAL_LOSS])))
         elif kind == "site" and phase == "train":
@@ -66,6 +72,7 @@ def read_training_curves(run_dir: str | Path) -> dict:
                 site_loss.setdefault(site, []).append((rnd, float(row[keys.TRAIN_LOSS])))
             if _number(row.get(keys.EPSILON)) is not None:
                 epsilon.setdefault(site, []).append((rnd, float(row[keys.EPSILON])))
+    val = val_trained + val  # where a round had an evaluate phase, the global model's loss wins
     rounds = sorted({r for r, _ in train} | {r for r, _ in val})
     return {"metrics_file": str(path), "rounds": [int(r) for r in rounds],
             "train_loss": _rows(train), "val_loss": _rows(val),

@@ -53,6 +53,8 @@ def test_round_trip_through_plain_data(tmp_path: Path) -> None:
         ("diffusion", {"schedule": "quadratic"}, "diffusion.schedule", "must be one of"),
         ("federation", {"min_available_nodes": 1, "min_train_nodes": 2}, "federation.min_available_nodes", ">= min_train_nodes"),
         ("data", {"image_size": 17}, "data.image_size", "divisible by"),
+        ("federation", {"evaluate_every": -1}, "federation.evaluate_every", "must be >= 0"),
+        ("federation", {"evaluate_every": 1.5}, "federation.evaluate_every", "must be an integer"),
         ("data", {"slice_axis": 3}, "data.slice_axis", "0, 1 or 2"),
     ],
 )

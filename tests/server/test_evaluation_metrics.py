@@ -142,14 +142,15 @@ def test_site_audit_counts_only_the_planted_copy(real_sets: tuple[ImageSet, Imag
 
 def test_training_curves_from_metrics_jsonl(tmp_path: Path) -> None:
     rows = [{"round": 1, "phase": "train", "kind": "site", "site_id": "a", "train-loss": 0.9, "epsilon": 1.0},
-            {"round": 1, "phase": "train", "kind": "aggregate", "train-loss": 0.8},
+            {"round": 1, "phase": "train", "kind": "aggregate", "train-loss": 0.8, "val-loss": 0.75},
             {"round": 1, "phase": "evaluate", "kind": "aggregate", "val-loss": 0.7},
             {"round": 2, "phase": "train", "kind": "site", "site_id": "a", "train-loss": 0.5, "epsilon": 1.5},
+            {"round": 2, "phase": "train", "kind": "aggregate", "val-loss": 0.6},  # no evaluate phase, no train loss (DP)
             {"round": 2, "phase": "train", "kind": "failure", "reason": "x"}]
     (tmp_path / "server").mkdir()
     (tmp_path / "server" / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n{\"round\": 3, \"pha")
     curves = read_training_curves(tmp_path)
-    assert curves["train_loss"] == [[1, 0.8]] and curves["val_loss"] == [[1, 0.7]]
+    assert curves["train_loss"] == [[1, 0.8]] and curves["val_loss"] == [[1, 0.7], [2, 0.6]]
     assert curves["epsilon"] == {"a": [[1, 1.0], [2, 1.5]]} and curves["failures"] == 1
     with pytest.raises(ConfigError, match="no metrics.jsonl"):
         read_training_curves(tmp_path / "server" / "nothing")

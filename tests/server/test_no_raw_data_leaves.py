@@ -78,7 +78,7 @@ def test_only_weights_and_numbers_leave_the_sites(tmp_path: Path, monkeypatch: p
     sites = [write_site(tmp_path / "sites", "site-a", data_a),
              write_site(tmp_path / "sites", "site-b", data_b, skip_bad_files=True)]
     fed_path = tmp_path / "federation.yaml"
-    fed_path.write_text(yaml.safe_dump(tiny_federation(tmp_path / "server", federation={"num_rounds": 1})))
+    fed_path.write_text(yaml.safe_dump(tiny_federation(tmp_path / "server", federation={"num_rounds": 1, "evaluate_every": 1})))
     cfg = load_federation_config(fed_path)
     capture = tmp_path / "capture.jsonl"
     monkeypatch.setenv("FEDSYNTH_CAPTURE_FILE", str(capture))

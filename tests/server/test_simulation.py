@@ -60,7 +60,7 @@ def test_two_sites_two_rounds_then_resume(tmp_path: Path) -> None:
     sites = [write_site(tmp_path / "sites", "site-a", data_a, policy_file=str(policy_a)),
              write_site(tmp_path / "sites", "site-b", data_b)]
     fed_path = tmp_path / "federation.yaml"
-    fed_path.write_text(yaml.safe_dump(tiny_federation(tmp_path / "server")))
+    fed_path.write_text(yaml.safe_dump(tiny_federation(tmp_path / "server", federation={"evaluate_every": 1})))
     cfg = load_federation_config(fed_path)
 
     result = run_simulation(cfg, fed_path, sites, tmp_path / "work", progress=False)
@@ -129,6 +129,33 @@ def test_two_sites_two_rounds_then_resume(tmp_path: Path) -> None:
         state = tmp_path / "sites" / site_id / "state"
         taken = sum(r["steps"] for r in read_audit(state) if r["message_type"] == "train" and r["outcome"] == "ok")
         assert PrivacyLedger.open(state).total_steps == taken
+
+
+def test_one_message_per_round_carries_the_validation_loss(tmp_path: Path) -> None:
+    """evaluate_every 0: no evaluate message at all, yet every round logs each site's validation loss."""
+    sites = [write_site(tmp_path / "sites", "site-a", write_shapes_dataset(tmp_path / "data-a", per_class=8, seed=1)),
+             write_site(tmp_path / "sites", "site-b", write_shapes_dataset(tmp_path / "data-b", per_class=6, seed=2))]
+    fed_path = tmp_path / "federation.yaml"
+    fed_path.write_text(yaml.safe_dump(tiny_federation(tmp_path / "server", federation={"evaluate_every": 0})))
+    cfg = load_federation_config(fed_path)
+
+    result = run_simulation(cfg, fed_path, sites, tmp_path / "work", progress=False)
+    assert result.status == "finished:completed" and result.rounds_completed == 2
+
+    for site_id in ("site-a", "site-b"):
+        audit = read_audit(tmp_path / "sites" / site_id / "state")
+        assert [(r["message_type"], r["server_round"], r["outcome"]) for r in audit] == [("train", 1, "ok"), ("train", 2, "ok")]
+    rows = _metrics(cfg)
+    assert not [r for r in rows if r["phase"] == "evaluate"]
+    per_site = {(r["round"], r["site_id"]): r for r in rows if r["kind"] == "site" and r["phase"] == "train"}
+    assert set(per_site) == {(1, "site-a"), (1, "site-b"), (2, "site-a"), (2, "site-b")}
+    for row in per_site.values():
+        assert row["val-num-examples"] > 0 and row["val-loss"] > 0
+    for rnd in (1, 2):
+        (agg,) = [r for r in rows if r["kind"] == "aggregate" and r["phase"] == "train" and r["round"] == rnd]
+        sites_rnd = [per_site[(rnd, s)] for s in ("site-a", "site-b")]
+        weighted = sum(r["val-loss"] * r["val-num-examples"] for r in sites_rnd) / sum(r["val-num-examples"] for r in sites_rnd)
+        assert agg["val-loss"] == pytest.approx(weighted)
 
 
 def test_missing_run_config_is_a_clear_error(tmp_path: Path) -> None:

@@ -95,3 +95,30 @@ def test_a_round_mixing_sites_with_and_without_train_loss_is_aggregated(tmp_path
     rows = [json.loads(line) for line in strategy.cfg.federation.metrics_file.read_text().splitlines()]
     assert [r.get(keys.TRAIN_LOSS) for r in rows if r["kind"] == "site"] == [0.7, None]  # each site's own, as sent
     assert keys.TRAIN_LOSS not in next(r for r in rows if r["kind"] == "aggregate")
+
+
+def test_train_replies_average_the_validation_loss_over_held_out_slices(tmp_path: Path) -> None:
+    """num-examples weighs the weights; the validation loss is weighed by each site's held-out slices."""
+    strategy = _strategy(tmp_path)
+    replies = [_reply(1, "a", GOOD, 10), _reply(2, "b", GOOD, 30), _reply(3, "c", GOOD, 50)]
+    for reply, (loss, count) in zip(replies, [(0.2, 3), (0.8, 1), (0.0, 0)]):  # c has no held-out patient
+        reply.content[keys.METRICS][keys.VAL_LOSS] = loss
+        reply.content[keys.METRICS][keys.VAL_EXAMPLES] = count
+    _, metrics = strategy.aggregate_train(1, replies)
+    assert metrics[keys.VAL_LOSS] == pytest.approx((0.2 * 3 + 0.8 * 1) / 4)
+    assert metrics[keys.VAL_EXAMPLES] == 4
+    assert metrics[keys.EPSILON] == pytest.approx(1.0)
+    rows = [json.loads(line) for line in strategy.cfg.federation.metrics_file.read_text().splitlines()]
+    (aggregate,) = [r for r in rows if r["kind"] == "aggregate"]
+    assert aggregate[keys.VAL_LOSS] == pytest.approx(0.35)
+    assert sorted(r[keys.VAL_LOSS] for r in rows if r["kind"] == "site") == [0.0, 0.2, 0.8]
+
+
+@pytest.mark.parametrize(("every", "rounds_done", "evaluated"), [(0, 0, []), (1, 0, [1, 2, 3, 4]), (2, 0, [2, 4]), (2, 1, [1, 3])])
+def test_evaluate_phase_runs_every_n_federation_rounds(tmp_path: Path, every: int, rounds_done: int, evaluated: list[int]) -> None:
+    """Counted in the federation's rounds, so a resumed run keeps the schedule."""
+    strategy = _strategy(tmp_path, evaluate_every=every, num_rounds=6)
+    strategy.rounds_done = rounds_done
+    assert [r for r in range(1, 5) if strategy.evaluates_in(rounds_done + r)] == evaluated
+    if not evaluated:
+        assert list(strategy.configure_evaluate(1, ArrayRecord(), ConfigRecord(), grid=None)) == []  # type: ignore[arg-type]

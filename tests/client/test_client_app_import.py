@@ -1,0 +1,28 @@
+"""A deployed SuperNode starts a fresh process for every message: the ClientApp module must load light."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _modules_after(statement: str) -> set[str]:
+    code = f"import json, sys; {statement}; print(json.dumps(sorted(sys.modules)))"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300, check=True)
+    return set(json.loads(proc.stdout.strip().splitlines()[-1]))
+
+
+def test_importing_the_client_app_loads_no_torch_monai_or_opacus() -> None:
+    loaded = _modules_after("import client.client_app")
+    assert "client.client_app" in loaded
+    assert not {"opacus", "torch", "monai"} & loaded
+
+
+def test_the_evaluation_path_needs_no_opacus() -> None:
+    """validation_loss lives next to train_round; only train_round's accounting may pull in Opacus."""
+    loaded = _modules_after("from client.training import validation_loss")
+    assert "torch" in loaded and "opacus" not in loaded
