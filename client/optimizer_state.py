@@ -7,7 +7,10 @@ no privacy; it never leaves the site (it is not part of a reply) and is not priv
 a missing, corrupt or foreign file only means a fresh start, with a warning.
 
 The file is keyed by the run id and the model's trainable parameter shapes: a new run, or a
-different model, starts fresh. The global weights always come from the server; only the
+different model, starts fresh. It is used only by a later round than the one that saved it: a
+round sent again (a retry, a resumed run) starts from what it started from the first time
+would need the older state, which is gone, so it starts fresh, and a non-private round stays
+reproducible from its config. The global weights always come from the server; only the
 moments and the step count persist.
 """
 
@@ -41,8 +44,9 @@ def parameter_shapes(params: list[torch.nn.Parameter]) -> list[list[int]]:
     return [list(p.shape) for p in params]
 
 
-def load_run_state(state_dir: str | Path, run_id: str, params: list[torch.nn.Parameter]) -> RunOptimizerState:
-    """The state saved by this run's previous round for these parameters, or a fresh one."""
+def load_run_state(state_dir: str | Path, run_id: str, server_round: int,
+                   params: list[torch.nn.Parameter]) -> RunOptimizerState:
+    """The state saved by an earlier round of this run for these parameters, or a fresh one."""
     path = Path(state_dir) / OPTIMIZER_STATE_FILE
     if not path.is_file():
         return RunOptimizerState()
@@ -57,17 +61,22 @@ def load_run_state(state_dir: str | Path, run_id: str, params: list[torch.nn.Par
     if saved["run_id"] != run_id or saved["shapes"] != parameter_shapes(params):
         log.info("optimiser state of another run or model in %s: starting fresh", path)
         return RunOptimizerState()
+    if saved["server_round"] >= server_round:
+        log.info("optimiser state in %s is from round %d, not before round %d: starting fresh", path,
+                 saved["server_round"], server_round)
+        return RunOptimizerState()
     return RunOptimizerState(steps=saved["steps"], moments=saved["moments"])
 
 
-def save_run_state(state_dir: str | Path, run_id: str, params: list[torch.nn.Parameter], steps: int,
-                   optimizer: torch.optim.Optimizer | None) -> Path:
+def save_run_state(state_dir: str | Path, run_id: str, server_round: int, params: list[torch.nn.Parameter],
+                   steps: int, optimizer: torch.optim.Optimizer | None) -> Path:
     """Replace the saved state (atomically, mode 0600); ``optimizer=None`` keeps the step count only."""
     moments = {}
     if optimizer is not None:
         moments = {int(i): {k: v.detach().to("cpu", copy=True) for k, v in entry.items()}
                    for i, entry in optimizer.state_dict()["state"].items()}
-    payload = {"run_id": run_id, "shapes": parameter_shapes(params), "steps": int(steps), "moments": moments}
+    payload = {"run_id": run_id, "server_round": int(server_round), "shapes": parameter_shapes(params),
+               "steps": int(steps), "moments": moments}
     buffer = io.BytesIO()
     torch.save(payload, buffer)
     return write_atomic(Path(state_dir) / OPTIMIZER_STATE_FILE, lambda handle: handle.write(buffer.getvalue()))
@@ -84,11 +93,12 @@ def restore_moments(optimizer: torch.optim.Optimizer, moments: dict[int, dict[st
 
 def _check(saved: Any, params: list[torch.nn.Parameter]) -> str | None:
     """What is wrong with a loaded file, or ``None``; moments of the wrong shape would break AdamW's step."""
-    if not isinstance(saved, dict) or not {"run_id", "shapes", "steps", "moments"} <= set(saved):
+    if not isinstance(saved, dict) or not {"run_id", "server_round", "shapes", "steps", "moments"} <= set(saved):
         return "not a fedsynth optimiser state"
     steps, moments = saved["steps"], saved["moments"]
-    if not isinstance(saved["run_id"], str) or isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
-        return "bad run id or step count"
+    if not isinstance(saved["run_id"], str) or not all(
+            isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (steps, saved["server_round"])):
+        return "bad run id, round or step count"
     if saved["shapes"] != parameter_shapes(params):
         return None  # another model: ignored, not corrupt
     if not isinstance(moments, dict):

@@ -152,7 +152,7 @@ def train_round(
         model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.training.learning_rate)
     params = list(optimizer.param_groups[0]["params"])
-    carried = load_run_state(site.state_dir, run_id, params)
+    carried = load_run_state(site.state_dir, run_id, server_round, params)
     if cfg.training.keep_optimizer_state:
         restore_moments(optimizer, carried.moments)
     dataset = PatientDataset(slices.images, slices.labels, train_groups, rng.numpy_seed(), device=device)
@@ -191,7 +191,7 @@ def train_round(
             steps += 1
 
     if cfg.training.keep_optimizer_state or cfg.training.warmup_steps:
-        _save_optimizer_state(site.state_dir, run_id, params, carried.steps + steps,
+        _save_optimizer_state(site.state_dir, run_id, server_round, params, carried.steps + steps,
                               optimizer if cfg.training.keep_optimizer_state else None)
     loss = float(torch.stack(losses).float().mean()) if losses else float("nan")
     log.info("round %d: %d steps, train loss %.4f (%s)", server_round, steps, loss,
@@ -238,12 +238,12 @@ def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr
 
 
-def _save_optimizer_state(state_dir: str, run_id: str, params: list[torch.nn.Parameter], steps: int,
-                          optimizer: torch.optim.Optimizer | None) -> None:
+def _save_optimizer_state(state_dir: str, run_id: str, server_round: int, params: list[torch.nn.Parameter],
+                          steps: int, optimizer: torch.optim.Optimizer | None) -> None:
     # The round's weights are already trained and its privacy cost recorded: losing the moments only
     # means a fresh AdamW next round, not a reason to discard the round.
     try:
-        save_run_state(state_dir, run_id, params, steps, optimizer)
+        save_run_state(state_dir, run_id, server_round, params, steps, optimizer)
     except OSError as err:
         log.warning("could not save the optimiser state in %s (%s); the next round starts it fresh", state_dir, err)
 

@@ -63,6 +63,16 @@ def test_the_next_round_of_the_run_resumes_the_moments(tmp_path: Path) -> None:
     assert mode == 0o600
 
 
+def test_a_round_sent_again_does_not_resume_its_own_state(tmp_path: Path) -> None:
+    """A retried round cannot start from the moments it produced itself: fresh, as in a new run."""
+    cfg, site = _setup(tmp_path)
+    _round(cfg, site, "run-1", 1)
+    _round(cfg, site, "run-1", 1)
+    assert _adam_steps(site) == {STEPS}
+    _round(cfg, site, "run-1", 3)  # a site left out of round 2 still resumes its latest state
+    assert _adam_steps(site) == {2 * STEPS}
+
+
 def test_a_new_run_or_another_model_starts_fresh(tmp_path: Path) -> None:
     cfg, site = _setup(tmp_path)
     _round(cfg, site, "run-1", 1)
