@@ -69,12 +69,19 @@ class DPSGDStep:
         expected_batch_size: what the noisy sum is divided by, as Opacus does:
             ``int(num_patients * sample_rate)``, not the size of the batch drawn.
         noise_generator: for tests; ``None`` uses torch's global RNG, as Opacus does.
+        repeats: noise multiplicity: the loss function's forward pass runs on each sample
+            repeated this many times (``repeat_interleave``) and returns the per-sample mean,
+            shape ``(N,)``; each sample is still one clipped gradient, the mechanism (and its
+            accounting) unchanged.
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, noise_multiplier: float,
-                 max_grad_norm: float, expected_batch_size: int, noise_generator: torch.Generator | None = None) -> None:
+                 max_grad_norm: float, expected_batch_size: int, noise_generator: torch.Generator | None = None,
+                 repeats: int = 1) -> None:
         if expected_batch_size < 1:
             raise ValueError(f"expected_batch_size must be >= 1, got {expected_batch_size}")
+        if repeats < 1:
+            raise ValueError(f"repeats must be >= 1, got {repeats}")
         self.sampler = GradSampler(model)
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = optimizer
@@ -82,12 +89,13 @@ class DPSGDStep:
         self.max_grad_norm = max_grad_norm
         self.expected_batch_size = expected_batch_size
         self.noise_generator = noise_generator
+        self.repeats = repeats
 
     def clipped_sum(self, compute_losses: LossFn) -> tuple[dict[nn.Parameter, torch.Tensor], torch.Tensor]:
         """The clipped, summed per-sample gradients (no noise) per parameter, and the per-sample losses."""
         with self.sampler.recording():
             losses = compute_losses()
-        return clip_and_sum(self.sampler.backward(losses), self.max_grad_norm), losses.detach()
+        return clip_and_sum(self.sampler.backward(losses, self.repeats), self.max_grad_norm), losses.detach()
 
     def step(self, compute_losses: LossFn) -> torch.Tensor:
         summed, losses = self.clipped_sum(compute_losses)

@@ -13,6 +13,11 @@ input and output gradient together (many channels on a small map: the bulk of a 
 parameters) keeps only those two tensors and its per-sample norms; its clipped sum is
 computed later by one batched kernel with per-sample-scaled output gradients (the
 "book-keeping" trick of Bu et al.).
+
+Several rows per sample (noise multiplicity): the forward may run on each sample repeated ``k``
+times in a row (``repeat_interleave``), its loss being the mean of its rows' losses. A sample's
+gradient is then the sum of its ``k`` rows' gradients (each already carries the 1/k of the mean),
+folded before any norm is taken, so one sample is still one clipped gradient.
 """
 
 from __future__ import annotations
@@ -58,6 +63,7 @@ class PerSampleGrads:
     rows: torch.Tensor  # (N, P_kept): materialised per-sample gradients
     deferred: list[tuple[_Layer, torch.Tensor, torch.Tensor]] = field(default_factory=list)  # (layer, a, b)
     deferred_sq_norms: torch.Tensor | None = None  # (N,)
+    repeats: int = 1  # rows of the forward pass per sample: a deferred layer's a and b have N * repeats rows
 
     def sq_norms(self) -> torch.Tensor:
         """``||g_i||^2`` over all parameters, ``(N,)``."""
@@ -69,8 +75,9 @@ class PerSampleGrads:
         """``sum_i c_i g_i`` per parameter."""
         kept = c.to(self.rows.dtype) @ self.rows  # a GEMV: no scaled (N, P) copy
         out = self.sampler._views(kept)
+        c_rows = c.repeat_interleave(self.repeats) if self.repeats > 1 else c  # every row of sample i scaled by c_i
         for layer, a, b in self.deferred:
-            for pname, g in WEIGHTED[type(layer.module)](layer.module, a, b, c).items():
+            for pname, g in WEIGHTED[type(layer.module)](layer.module, a, b, c_rows).items():
                 out[getattr(layer.module, pname)] = g
         return out
 
@@ -80,8 +87,15 @@ class PerSampleGrads:
         out = self.sampler._views(self.rows)
         for layer, a, b in self.deferred:
             for pname, g in KERNELS[type(layer.module)](layer.module, a, b, {}).items():
-                out[getattr(layer.module, pname)] = g
+                out[getattr(layer.module, pname)] = fold_rows(g, self.repeats)
         return out
+
+
+def fold_rows(g: torch.Tensor, repeats: int) -> torch.Tensor:
+    """Per-row gradients ``(N * repeats, ...)`` -> per-sample ``(N, ...)``: the sum of each sample's rows."""
+    if repeats == 1:
+        return g
+    return g.view(-1, repeats, *g.shape[1:]).sum(dim=1)
 
 
 class GradSampler:
@@ -96,7 +110,9 @@ class GradSampler:
         grads.sq_norms(); grads.weighted_sum(c)
 
     Row ``i`` is the gradient of ``losses[i]`` alone: the batch's samples must not interact
-    in the forward pass (no BatchNorm), which holds for the layers supported.
+    in the forward pass (no BatchNorm), which holds for the layers supported. With
+    ``backward(losses, repeats=k)`` the forward ran on ``k`` consecutive rows per sample and
+    ``losses[i]`` depends on rows ``i*k .. i*k+k-1`` only.
 
     The kept rows live in one buffer reused across steps (grown to the largest batch seen):
     many per-layer tensors allocated and freed every step fragment the heap, and the
@@ -129,6 +145,8 @@ class GradSampler:
         self._roots: list[tuple[nn.Module, torch.Tensor, torch.Tensor]] = []
         self._deferred: list[tuple[_Layer, torch.Tensor, torch.Tensor]] = []
         self._deferred_sq: torch.Tensor | None = None
+        self._samples = 0  # N and rows per sample of the backward in progress
+        self._repeats = 1
         for layer in self.layers:
             layer.calls = 0
 
@@ -174,7 +192,8 @@ class GradSampler:
         """Decide, once, which layers keep rows in the buffer and which are deferred."""
         offset, self._offsets = 0, {}
         for layer in self.layers:
-            batch, a_numel, out_numel = layer.sizes
+            rows, a_numel, out_numel = layer.sizes
+            batch = rows // self._repeats  # the per-sample gradients kept are per sample, not per row
             layer.deferred = (type(layer.module) in WEIGHTED and layer.calls == 1 and batch > 0
                               and defer(layer.module.weight.numel(), batch, a_numel, out_numel))
             if not layer.deferred:
@@ -199,34 +218,48 @@ class GradSampler:
 
     @torch.no_grad()  # the root layers' kernels run after autograd.grad returned: keep them off any graph
     def _accumulate(self, module: nn.Module, a: torch.Tensor, b: torch.Tensor) -> None:
-        n, layer = a.shape[0], self._by_module[id(module)]
+        n, k, layer = self._samples, self._repeats, self._by_module[id(module)]
+        if a.shape[0] != n * k:
+            raise RuntimeError(f"per-sample gradients: layer '{layer.name}' saw a batch of {a.shape[0]} rows; "
+                               f"expected {n} samples x {k} rows each")
         self._rows(n)  # fixes the layout at the first backward
         if layer.deferred:
             if layer.calls != 1:
                 raise RuntimeError(f"per-sample gradients: layer '{layer.name}' ran {layer.calls} times in one forward "
                                    "pass; it was laid out for one")
-            sq = sum(torch.linalg.vector_norm(g.reshape(n, -1), dim=1).square()
+            # The norm of a sample's summed rows, not the sum of its rows' norms.
+            sq = sum(torch.linalg.vector_norm(fold_rows(g, k).reshape(n, -1), dim=1).square()
                      for g in KERNELS[type(module)](module, a, b, {}).values())
             self._deferred_sq = sq if self._deferred_sq is None else self._deferred_sq + sq
             self._deferred.append((layer, a, b))
             return
+        # Folding needs the per-row result first: the buffer's (N, ...) slots cannot take N * k rows.
         free = {name: self._slot(p, n) for name, p in module.named_parameters(recurse=False)
-                if p.requires_grad and id(p) not in self._written}
+                if p.requires_grad and id(p) not in self._written} if k == 1 else {}
         for pname, g in KERNELS[type(module)](module, a, b, free).items():
+            g = fold_rows(g, k)
             p = getattr(module, pname)
             if not p.requires_grad:
                 continue
             if id(p) in self._written:  # a layer called more than once per forward gets the sum of its calls
                 self._slot(p, n).add_(g)
                 continue
-            if g is not free[pname]:
-                free[pname].copy_(g)
+            if g is not free.get(pname):
+                self._slot(p, n).copy_(g)
             self._written.add(id(p))
 
-    def backward(self, losses: torch.Tensor) -> PerSampleGrads:
-        """Per-sample gradients of ``losses`` (shape ``(N,)``, one loss per sample)."""
+    def backward(self, losses: torch.Tensor, repeats: int = 1) -> PerSampleGrads:
+        """Per-sample gradients of ``losses`` (shape ``(N,)``, one loss per sample).
+
+        Args:
+            repeats: rows per sample in the recorded forward pass, sample ``i`` being rows
+                ``i*repeats .. i*repeats+repeats-1`` (``repeat_interleave``); 1: one row each.
+        """
         if losses.dim() != 1:
             raise ValueError(f"expected one loss per sample, shape (N,), got {tuple(losses.shape)}")
+        if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+            raise ValueError(f"repeats must be an integer >= 1, got {repeats!r}")
+        self._samples, self._repeats = losses.shape[0], repeats
         roots = self._roots
         if not roots:
             raise RuntimeError("per-sample gradients: no recorded forward pass (run the model inside recording()), "
@@ -240,7 +273,7 @@ class GradSampler:
             for p in layer.params:
                 if not layer.deferred and id(p) not in self._written:
                     self._slot(p, n).zero_()
-        grads = PerSampleGrads(self, rows, self._deferred, self._deferred_sq)
+        grads = PerSampleGrads(self, rows, self._deferred, self._deferred_sq, repeats)
         self._reset()
         return grads
 

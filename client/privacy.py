@@ -221,16 +221,26 @@ def make_private_step(
     max_grad_norm: float,
     generator: torch.Generator | None = None,
     grad_sample_mode: str = "fedsynth",
+    noise_multiplicity: int = 1,
 ) -> tuple[torch.nn.Module, LocalStep, DataLoader]:
     """The model to train, its DP-SGD step and the Poisson-sampled loader over ``dataset``.
 
     Whatever the mode, the loader, the clipping, the noise and the accounting are the same;
     ``fedsynth`` leaves the model unwrapped and skips Opacus' hooks.
+
+    Args:
+        noise_multiplicity: forward rows per sampled patient (see ``DPSGDStep``); ``fedsynth``
+            mode only. Opacus' modes would clip each row as a sample of its own: a patient would
+            weigh K clipped gradients while the accountant counts one, so they refuse it.
     """
     if grad_sample_mode == "fedsynth":
         loader = poisson_loader(dataset, batch_size, generator)
         expected = expected_batch_size(len(dataset), batch_size)  # type: ignore[arg-type]
-        return model, DPSGDStep(model, optimizer, noise_multiplier, max_grad_norm, expected), loader
+        step = DPSGDStep(model, optimizer, noise_multiplier, max_grad_norm, expected, repeats=noise_multiplicity)
+        return model, step, loader
+    if noise_multiplicity != 1:
+        raise ValueError(f"noise multiplicity {noise_multiplicity} needs grad_sample_mode 'fedsynth', "
+                         f"not {grad_sample_mode!r}")
     model, optimizer, loader, _ = make_private(model, optimizer, dataset, batch_size, noise_multiplier, max_grad_norm,
                                                generator=generator, grad_sample_mode=grad_sample_mode)
     return model, PlainStep(optimizer, empty=partial(_noise_only_step, optimizer)), loader

@@ -19,6 +19,7 @@ from torch.utils.data import Dataset
 
 from client.dp_sgd import LocalStep, PlainStep
 from client.ledger import reserve_within_budget
+from client.optimizer_state import load_run_state, restore_moments, save_run_state
 from client.policy import SitePolicy, enforce_policy, privacy_ceiling
 from client.privacy import make_private_step, poisson_sample_rate
 from client.round_rng import RoundRandomness
@@ -120,6 +121,11 @@ def train_round(
         PrivacyBudgetError: the planned steps would exceed the site's privacy ceiling, or the
             coordinator asked for non-private training the site does not allow.
         Nothing is spent when either is raised.
+
+    The recipe around the DP mechanism changes nothing the accountant sees (same q, sigma and
+    steps in the ledger): ``noise_multiplicity`` averages K draws inside each patient's loss
+    before its one clipped gradient; AdamW's moments (``keep_optimizer_state``) and the warm-up
+    are post-processing of the noisy gradients, kept in the site's state folder.
     """
     train_groups, _ = split_patients(slices, site.val_fraction)
     enforce_policy(policy, cfg, app_hash, len(train_groups))
@@ -145,6 +151,10 @@ def train_round(
     if amp_dtype is not None:  # tensor-core convolutions want NHWC; weights still travel as float32 NCHW arrays
         model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.training.learning_rate)
+    params = list(optimizer.param_groups[0]["params"])
+    carried = load_run_state(site.state_dir, run_id, server_round, params)
+    if cfg.training.keep_optimizer_state:
+        restore_moments(optimizer, carried.moments)
     dataset = PatientDataset(slices.images, slices.labels, train_groups, rng.numpy_seed(), device=device)
     generator = rng.cpu_generator()  # patient sampling: always on the CPU
     # Noise and timesteps: the same CPU stream as ever on a CPU, drawn on the GPU on a GPU.
@@ -154,6 +164,7 @@ def train_round(
         model, stepper, loader = make_private_step(
             model, optimizer, dataset, cfg.training.batch_size, cfg.privacy.noise_multiplier,
             cfg.privacy.max_grad_norm, generator=generator, grad_sample_mode=cfg.privacy.grad_sample_mode,
+            noise_multiplicity=cfg.training.noise_multiplicity,
         )
     else:
         loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.training.batch_size, shuffle=True, generator=generator)
@@ -166,6 +177,8 @@ def train_round(
         for images, labels in loader:
             if steps >= cfg.training.local_steps:
                 break
+            set_learning_rate(optimizer, warmup_learning_rate(cfg.training.learning_rate, cfg.training.warmup_steps,
+                                                              carried.steps + steps + 1))
             if len(images) == 0:
                 stepper.empty_step()
             else:
@@ -173,9 +186,13 @@ def train_round(
                 if amp_dtype is not None:
                     images = images.contiguous(memory_format=torch.channels_last)
                 labels = drop_labels(labels, cfg.model.null_class, cfg.training.label_dropout, noise_rng)
-                losses.append(stepper.step(partial(_batch_losses, model, scheduler, images, labels, noise_rng, amp_dtype)))
+                losses.append(stepper.step(partial(_batch_losses, model, scheduler, images, labels, noise_rng, amp_dtype,
+                                                   cfg.training.noise_multiplicity)))
             steps += 1
 
+    if cfg.training.keep_optimizer_state or cfg.training.warmup_steps:
+        _save_optimizer_state(site.state_dir, run_id, server_round, params, carried.steps + steps,
+                              optimizer if cfg.training.keep_optimizer_state else None)
     loss = float(torch.stack(losses).float().mean()) if losses else float("nan")
     log.info("round %d: %d steps, train loss %.4f (%s)", server_round, steps, loss,
              "kept at the site" if cfg.privacy.enabled else "sent: non-private training")
@@ -209,13 +226,36 @@ def _round_randomness(cfg: FedsynthConfig, site: SiteConfig, server_round: int) 
     return RoundRandomness()
 
 
+def warmup_learning_rate(base: float, warmup_steps: int, step: int) -> float:
+    """The rate of the run's ``step``-th optimiser step (from 1): linear up to ``base`` at ``warmup_steps``."""
+    if warmup_steps <= 0 or step >= warmup_steps:
+        return base
+    return base * step / warmup_steps
+
+
+def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:  # shared with Opacus' DPOptimizer when it wraps this optimiser
+        group["lr"] = lr
+
+
+def _save_optimizer_state(state_dir: str, run_id: str, server_round: int, params: list[torch.nn.Parameter],
+                          steps: int, optimizer: torch.optim.Optimizer | None) -> None:
+    # The round's weights are already trained and its privacy cost recorded: losing the moments only
+    # means a fresh AdamW next round, not a reason to discard the round.
+    try:
+        save_run_state(state_dir, run_id, server_round, params, steps, optimizer)
+    except OSError as err:
+        log.warning("could not save the optimiser state in %s (%s); the next round starts it fresh", state_dir, err)
+
+
 def _batch_losses(model: torch.nn.Module, scheduler, images: torch.Tensor, labels: torch.Tensor,
-                  rng: torch.Generator, amp_dtype: torch.dtype | None) -> torch.Tensor:
-    """Per-image losses ``(N,)``, under autocast when mixed precision is on; the loss itself stays float32."""
+                  rng: torch.Generator, amp_dtype: torch.dtype | None, draws: int = 1) -> torch.Tensor:
+    """Per-image losses ``(N,)`` (each the mean of ``draws`` noise draws), under autocast when mixed
+    precision is on; the loss itself stays float32."""
     if amp_dtype is None:
-        return diffusion_loss(model, scheduler, images, labels, rng)
+        return diffusion_loss(model, scheduler, images, labels, rng, draws)
     with torch.autocast(device_type=images.device.type, dtype=amp_dtype):
-        return diffusion_loss(model, scheduler, images, labels, rng).float()
+        return diffusion_loss(model, scheduler, images, labels, rng, draws).float()
 
 
 @torch.no_grad()

@@ -117,23 +117,29 @@ def diffusion_loss(
     images: torch.Tensor,
     labels: torch.Tensor,
     generator: torch.Generator | None = None,
+    draws: int = 1,
 ) -> torch.Tensor:
     """Noise-prediction MSE, one value per image.
 
     Args:
         images: ``(N, 1, H, W)`` in [-1, 1].
         labels: ``(N,)`` class indices (the null class allowed).
+        draws: noise multiplicity K: each image's loss is the mean over K independent
+            (timestep, noise) draws, from one forward pass over ``N * K`` rows, image ``i``
+            being rows ``i*K .. i*K+K-1`` (what :class:`client.grad_sample.GradSampler` folds).
 
     Returns:
         ``(N,)`` per-image losses; callers take the mean for the optimiser.
     """
+    if draws > 1:
+        images, labels = images.repeat_interleave(draws, dim=0), labels.repeat_interleave(draws, dim=0)
     n = images.shape[0]
     rng_device = _rng_device(generator)
     noise = torch.randn(images.shape, generator=generator, device=rng_device).to(images.device)
     t = torch.randint(0, scheduler.num_train_timesteps, (n,), generator=generator, device=rng_device).to(images.device)
     noisy = scheduler.add_noise(original_samples=images, noise=noise, timesteps=t)
     pred = model(x=noisy, timesteps=t, class_labels=labels)
-    return ((pred - noise) ** 2).flatten(1).mean(dim=1)
+    return ((pred - noise) ** 2).flatten(1).mean(dim=1).view(-1, draws).mean(dim=1)
 
 
 def count_parameters(model: torch.nn.Module) -> int:

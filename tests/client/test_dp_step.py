@@ -17,9 +17,10 @@ from client import grad_kernels, grad_sample
 from client.grad_sample import GradSampler
 from client.privacy import expected_batch_size, make_private, poisson_loader
 from client.site_data import SiteSlices
-from client.training import PatientDataset, train_round
+from client.training import PatientDataset, TrainResult, train_round
 from common.config import DiffusionConfig, FedsynthConfig, ModelConfig, config_from_dict, load_site_config
-from common.model import autocast_dtype, build_train_scheduler, build_unet, trainable_state
+from common.errors import ConfigError
+from common.model import autocast_dtype, build_train_scheduler, build_unet, diffusion_loss, trainable_state
 from tests.conftest import tiny_federation, write_site
 
 TINY = ModelConfig(classes=("disc", "ring"), channels=(8, 8), attention_levels=(False, True), norm_num_groups=4,
@@ -174,13 +175,17 @@ def _slices(n: int = 30) -> SiteSlices:
                       classes=("disc", "ring"))
 
 
-def _train(tmp_path: Path, name: str, **overrides: dict) -> dict[str, np.ndarray]:
+def _train_result(tmp_path: Path, name: str, **overrides: dict) -> TrainResult:
     overrides = {**overrides, "training": {"local_steps": 4, **overrides.get("training", {})}}
     cfg = config_from_dict(FedsynthConfig, tiny_federation(tmp_path / "server", **overrides), "t")
     # Comparing two rounds needs the same noise in both: only the site's test-only switch allows that.
     site = load_site_config(write_site(tmp_path / name, "a", tmp_path / "data", unsafe_reproducible_dp=True))
     torch.manual_seed(0)
-    return train_round(cfg, site, _slices(), trainable_state(build_unet(cfg.model)), server_round=1).arrays
+    return train_round(cfg, site, _slices(), trainable_state(build_unet(cfg.model)), server_round=1)
+
+
+def _train(tmp_path: Path, name: str, **overrides: dict) -> dict[str, np.ndarray]:
+    return _train_result(tmp_path, name, **overrides).arrays
 
 
 def test_a_round_matches_opacus_hooks_step_for_step(tmp_path: Path) -> None:
@@ -197,3 +202,126 @@ def test_mixed_precision_is_a_no_op_on_cpu(tmp_path: Path) -> None:
     auto = _train(tmp_path, "auto", training={"mixed_precision": "auto"})
     off = _train(tmp_path, "off", training={"mixed_precision": "off"})
     assert all(np.array_equal(auto[k], off[k]) for k in auto)
+
+
+# Noise multiplicity: each sample's loss is the mean over K (timestep, noise) draws, one forward pass over
+# the batch repeated K times (repeat_interleave); one sample is still one clipped gradient.
+K = 3
+
+
+def _batch_k(n: int, k: int = K, size: int = 16, seed: int = 2) -> dict[str, torch.Tensor]:
+    """``n`` images with ``k`` fixed (timestep, noise) draws each: row ``i*k + j`` is draw ``j`` of image ``i``."""
+    g = torch.Generator().manual_seed(seed)
+    return {"x": torch.rand((n, 1, size, size), generator=g) * 2 - 1, "noise": torch.randn((n * k, 1, size, size), generator=g),
+            "t": torch.randint(0, 100, (n * k,), generator=g), "y": torch.arange(n) % 3}
+
+
+def _losses_k(model: torch.nn.Module, batch: dict[str, torch.Tensor], index: slice = slice(None), k: int = K) -> torch.Tensor:
+    """Per-image mean of its k draws; ``index`` selects images (and so their k rows each)."""
+    rows = slice(None if index.start is None else index.start * k, None if index.stop is None else index.stop * k)
+    rep = {"x": batch["x"][index].repeat_interleave(k, 0), "y": batch["y"][index].repeat_interleave(k, 0),
+           "noise": batch["noise"][rows], "t": batch["t"][rows]}
+    return _losses(model, rep).view(-1, k).mean(dim=1)
+
+
+@pytest.mark.parametrize(("grouped", "deferred"), [(False, False), (True, False), (False, True)],
+                         ids=["per-sample-calls", "grouped-call", "deferred"])
+def test_noise_multiplicity_per_sample_gradients_equal_a_per_example_loop(
+        grouped: bool, deferred: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(grad_kernels, "_use_grouped", lambda module, b: grouped)
+    monkeypatch.setattr(grad_sample, "defer", lambda *sizes: deferred)
+    model, batch = _model(), _batch_k(n=4)
+    sampler = GradSampler(model)
+    with sampler.recording():
+        losses = _losses_k(model, batch)
+    per_sample = sampler.backward(losses, repeats=K)
+    grads = per_sample.materialise()
+    norms = per_sample.sq_norms().sqrt()
+    for i in range(4):
+        model.zero_grad(set_to_none=True)
+        _losses_k(model, batch, slice(i, i + 1)).sum().backward()  # patient i alone: the mean of its K draws
+        want = {name: p.grad for name, p in model.named_parameters()}
+        got = {name: grads[p][i] for name, p in model.named_parameters()}
+        assert _rel_error(got, want) < 1e-5
+        want_norm = math.sqrt(sum(float(g.double().pow(2).sum()) for g in want.values()))
+        assert abs(float(norms[i]) - want_norm) < 1e-4 * want_norm  # the norm of the patient's gradient, not per draw
+
+
+def _per_example_reference_k(model: torch.nn.Module, batch: dict, max_grad_norm: float) -> tuple[dict[str, torch.Tensor], list[float]]:
+    """Clipped-summed gradient, one ordinary backward per patient of the mean of its K draws."""
+    n = len(batch["x"])
+    total = {name: torch.zeros_like(p) for name, p in model.named_parameters()}
+    norms = []
+    for i in range(n):
+        model.zero_grad(set_to_none=True)
+        _losses_k(model, batch, slice(i, i + 1)).sum().backward()
+        grads = {name: p.grad.detach().clone() for name, p in model.named_parameters()}
+        norm = math.sqrt(sum(float(g.double().pow(2).sum()) for g in grads.values()))
+        norms.append(norm)
+        for name in total:
+            total[name] += min(1.0, max_grad_norm / (norm + 1e-6)) * grads[name]
+    model.zero_grad(set_to_none=True)
+    return total, norms
+
+
+@pytest.mark.parametrize("deferred", [False, True], ids=["kept-rows", "deferred-layers"])
+def test_noise_multiplicity_clips_one_gradient_per_patient(deferred: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(grad_sample, "defer", lambda *sizes: deferred)
+    model, batch = _model(), _batch_k(n=6)
+    _, norms = _per_example_reference_k(model, batch, max_grad_norm=1e9)
+    clip = float(np.median(norms))  # half the patients are clipped
+    reference, _ = _per_example_reference_k(model, batch, clip)
+    step = DPSGDStep(model, torch.optim.SGD(model.parameters(), lr=0.0), noise_multiplier=0.0, max_grad_norm=clip,
+                     expected_batch_size=4, repeats=K)
+    step.step(lambda: _losses_k(model, batch))
+    got = {name: p.grad.detach() * 4 for name, p in model.named_parameters()}
+    assert _rel_error(got, reference) < 1e-4
+
+
+def test_rows_that_do_not_match_the_samples_are_refused() -> None:
+    """A K-fold forward read as one row per sample would silently take the first N rows' gradients."""
+    model, batch = _model(), _batch_k(n=4)
+    sampler = GradSampler(model)
+    with sampler.recording():
+        losses = _losses_k(model, batch)
+    with pytest.raises(RuntimeError, match="expected 4 samples x 1 rows"):
+        sampler.backward(losses)
+
+
+def test_diffusion_loss_averages_k_draws_per_image() -> None:
+    model = _model().eval()
+    sched = build_train_scheduler(DiffusionConfig(num_train_timesteps=100))
+    x, y = _batch(n=3)["x"], torch.tensor([0, 1, 2])
+    got = diffusion_loss(model, sched, x, y, torch.Generator().manual_seed(7), draws=K)
+    # The same stream, drawn as diffusion_loss draws it: all N*K noises, then all N*K timesteps.
+    g = torch.Generator().manual_seed(7)
+    noise = torch.randn((3 * K, *x.shape[1:]), generator=g)
+    t = torch.randint(0, 100, (3 * K,), generator=g)
+    for i in range(3):
+        rows = [_losses(model, {"x": x[i:i + 1], "noise": noise[r:r + 1], "t": t[r:r + 1], "y": y[i:i + 1]})
+                for r in range(i * K, i * K + K)]
+        assert torch.allclose(got[i], torch.cat(rows).mean(), rtol=1e-5, atol=1e-7)
+    assert torch.equal(diffusion_loss(model, sched, x, y, torch.Generator().manual_seed(7), draws=1),
+                       diffusion_loss(model, sched, x, y, torch.Generator().manual_seed(7)))
+
+
+def test_noise_multiplicity_is_validated_and_refused_with_opacus_modes(tmp_path: Path) -> None:
+    for bad in (0, 65, -1):
+        with pytest.raises(ConfigError, match="training.noise_multiplicity"):
+            config_from_dict(FedsynthConfig, tiny_federation(tmp_path, training={"noise_multiplicity": bad}), "t")
+    for mode in ("hooks", "functorch"):
+        with pytest.raises(ConfigError, match="training.noise_multiplicity.*'fedsynth'"):
+            config_from_dict(FedsynthConfig, tiny_federation(
+                tmp_path, training={"noise_multiplicity": 2}, privacy={"grad_sample_mode": mode}), "t")
+    # Without DP nothing is clipped: any mode's plain step averages the K draws correctly.
+    cfg = config_from_dict(FedsynthConfig, tiny_federation(
+        tmp_path, training={"noise_multiplicity": 2}, privacy={"enabled": False, "grad_sample_mode": "hooks"}), "t")
+    assert cfg.training.noise_multiplicity == 2
+
+
+def test_noise_multiplicity_costs_no_privacy(tmp_path: Path) -> None:
+    """Same q, sigma and steps in the ledger: the same epsilon with K = 1 and K = 4, and the K-draw round trains."""
+    one = _train_result(tmp_path, "one", training={"noise_multiplicity": 1})
+    four = _train_result(tmp_path, "four", training={"noise_multiplicity": 4})
+    assert four.steps == one.steps and four.epsilon == one.epsilon and four.epsilon > 0
+    assert any(not np.array_equal(four.arrays[k], one.arrays[k]) for k in one.arrays)

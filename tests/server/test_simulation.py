@@ -10,10 +10,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from client.audit_log import read_audit
 from client.ledger import INIT_MESSAGE_TYPE, PrivacyLedger
+from client.optimizer_state import OPTIMIZER_STATE_FILE
 from client.policy import app_code_hash
 from common.checkpoint import list_round_checkpoints, load_checkpoint
 from common.config import load_federation_config
@@ -76,6 +78,9 @@ def test_two_sites_two_rounds_then_resume(tmp_path: Path) -> None:
         ledger = PrivacyLedger.open(tmp_path / "sites" / site_id / "state")
         assert ledger.total_steps == 2 * cfg.training.local_steps
         assert final.sites[site_id]["epsilon"] == pytest.approx(ledger.epsilon(1e-5))
+        # Round 2 resumed round 1's optimiser state: the real ClientApp passes one run id to both rounds.
+        kept = torch.load(tmp_path / "sites" / site_id / "state" / OPTIMIZER_STATE_FILE, weights_only=True)
+        assert kept["server_round"] == 2 and kept["steps"] == 2 * cfg.training.local_steps
     assert final.sites["site-a"]["num_examples"] > final.sites["site-b"]["num_examples"]
     rows = _metrics(cfg)
     trained = {(r["round"], r["site_id"]) for r in rows if r["kind"] == "site" and r["phase"] == "train"}
