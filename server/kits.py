@@ -203,6 +203,9 @@ def render_site_policy(site: str, settings: KitSettings) -> str:
         (f"min_noise_multiplier: {p.min_noise_multiplier!r}", "refuse DP-SGD with less noise than this"),
         (f"max_grad_norm: {p.max_grad_norm!r}", "refuse a larger clipping norm"),
         (f"min_patients: {p.min_patients}", "refuse to train with fewer training patients than this"),
+        (f"max_steps_per_round: {p.max_steps_per_round}", "refuse a round of more local steps (checked before any accounting)"),
+        (f"max_epsilon_per_round: {p.max_epsilon_per_round!r}", "> 0: refuse a round that would add more epsilon; 0: no per-round cap"),
+        (f"max_model_parameters: {p.max_model_parameters}", "refuse weights or a model with more values than this"),
         ("approved_apps:", "the only app code this site runs, for every task type"),
         (f"  - {settings.app_hash}", ""),
         ("  # ^ the fedsynth code `fedsynth provision` ran from. Replace it with the hash of the code you\n"

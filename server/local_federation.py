@@ -132,15 +132,26 @@ def processes_with_env(name: str, value: str) -> list[int]:
     return found
 
 
-def stop_processes_with_env(name: str, value: str, grace_s: float = 5.0) -> None:
-    pids = processes_with_env(name, value)
-    for pid in pids:
-        _signal(pid, signal.SIGTERM)
-    deadline = time.monotonic() + grace_s
-    while time.monotonic() < deadline and any(_alive(pid) for pid in pids):
-        time.sleep(0.2)
-    for pid in processes_with_env(name, value):
-        _signal(pid, signal.SIGKILL)
+def stop_processes_with_env(name: str, value: str, grace_s: float = 5.0, max_sweeps: int = 10) -> None:
+    """SIGTERM, then SIGKILL, every process carrying ``name=value``, sweeping until none is left.
+
+    One sweep is not enough: a Ray daemon stopped mid-start may still spawn its agents (dashboard,
+    runtime-env) while the first sweep waits, and those would outlive the run.
+    """
+    for _ in range(max_sweeps):
+        pids = processes_with_env(name, value)
+        if not pids:
+            time.sleep(0.5)  # a process forked just now shows up on the next look
+            if not processes_with_env(name, value):
+                return
+            continue
+        for pid in pids:
+            _signal(pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        while time.monotonic() < deadline and any(_alive(pid) for pid in pids):
+            time.sleep(0.2)
+        for pid in processes_with_env(name, value):
+            _signal(pid, signal.SIGKILL)
 
 
 def _alive(pid: int) -> bool:

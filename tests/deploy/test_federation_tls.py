@@ -205,7 +205,7 @@ def test_one_round_with_fedsynth_run(federation: Federation) -> None:
     for site in ("site-a", "site-b"):
         assert PrivacyLedger.open(federation.root / "state" / site).total_steps == local_steps
     streamed = (federation.root / "run.log").read_text()
-    assert "[ROUND 1/1]" in streamed and "aggregate_evaluate: Received 2 results and 0 failures" in streamed
+    assert "[ROUND 1/1]" in streamed
 
 
 def test_failed_run_exits_non_zero(federation: Federation) -> None:

@@ -45,7 +45,7 @@ def test_a_dp_train_reply_carries_no_training_loss(tmp_path: Path) -> None:
     reply, audit = _run(tmp_path, _train_task(tmp_path))
     assert not reply.has_error()
     metrics = reply.content.metric_records[keys.METRICS]
-    assert set(metrics) == {keys.NUM_EXAMPLES, keys.EPSILON, keys.DELTA, keys.STEPS}
+    assert set(metrics) == {keys.NUM_EXAMPLES, keys.EPSILON, keys.DELTA, keys.STEPS, keys.VAL_LOSS, keys.VAL_EXAMPLES}
     assert audit[0]["outcome"] == "ok" and "unsafe_reproducible_dp" not in audit[0]
 
 

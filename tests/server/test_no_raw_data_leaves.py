@@ -99,7 +99,8 @@ def test_only_weights_and_numbers_leave_the_sites(tmp_path: Path, monkeypatch: p
         if reply["type"] == "train":
             assert reply["arrays"] == {"arrays": model}  # exactly the global model's keys, shapes and dtype
             # No training loss under DP: it is computed without noise, so epsilon does not cover it.
-            assert set(reply["metrics"]["metrics"]) == {"num-examples", "epsilon", "delta", "steps"}
+            assert set(reply["metrics"]["metrics"]) == {"num-examples", "epsilon", "delta", "steps", "val-loss",
+                                                       "val-num-examples"}
         else:
             assert set(reply["metrics"]["metrics"]) == {"num-examples", "val-loss"}
             assert reply["arrays"] == {}
