@@ -165,12 +165,15 @@ def plan_common(plans: Sequence[SitePlan], sites: Sequence[SiteBudget], steps: i
         raise ValueError("no site has a feasible plan")
     options: list[tuple[float, int, float]] = []
     sizes = sorted({b for p, _ in feasible for b, _, _ in p.candidates})
+    # Each site's plan already solved for sigma at its own candidate rates: reuse them, as each
+    # accountant search costs up to seconds.
+    solved = [{poisson_sample_rate(site.num_patients, cb): cs for cb, cs, _ in plan.candidates} for plan, site in feasible]
     for b in sizes:
         needed = []
-        for _, site in feasible:
+        for (_, site), known in zip(feasible, solved):
             q = poisson_sample_rate(site.num_patients, b)
-            sigma = smallest_noise_multiplier(site.history, q, steps, site.epsilon, site.delta, accountant,
-                                              floor=site.min_noise_multiplier)
+            sigma = known[q] if q in known else smallest_noise_multiplier(
+                site.history, q, steps, site.epsilon, site.delta, accountant, floor=site.min_noise_multiplier)
             if sigma is None:
                 break
             needed.append((sigma, expected_batch_size(site.num_patients, b)))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -46,14 +47,15 @@ def _model(seed: int = 0) -> torch.nn.Module:
     return build_unet(TINY)
 
 
-def _per_example_reference(model: torch.nn.Module, batch: dict, max_grad_norm: float) -> tuple[dict[str, torch.Tensor], list[float]]:
-    """Clipped-summed gradient from one ordinary backward pass per example."""
+def _per_example_reference(model: torch.nn.Module, batch: dict, max_grad_norm: float,
+                           losses: Callable[..., torch.Tensor] = _losses) -> tuple[dict[str, torch.Tensor], list[float]]:
+    """Clipped-summed gradient from one ordinary backward pass per example of ``losses`` (per patient)."""
     n = len(batch["x"])
     total = {name: torch.zeros_like(p) for name, p in model.named_parameters()}
     norms = []
     for i in range(n):
         model.zero_grad(set_to_none=True)
-        _losses(model, batch, slice(i, i + 1)).sum().backward()
+        losses(model, batch, slice(i, i + 1)).sum().backward()
         grads = {name: p.grad.detach().clone() for name, p in model.named_parameters()}
         norm = math.sqrt(sum(float(g.double().pow(2).sum()) for g in grads.values()))
         norms.append(norm)
@@ -247,30 +249,13 @@ def test_noise_multiplicity_per_sample_gradients_equal_a_per_example_loop(
         assert abs(float(norms[i]) - want_norm) < 1e-4 * want_norm  # the norm of the patient's gradient, not per draw
 
 
-def _per_example_reference_k(model: torch.nn.Module, batch: dict, max_grad_norm: float) -> tuple[dict[str, torch.Tensor], list[float]]:
-    """Clipped-summed gradient, one ordinary backward per patient of the mean of its K draws."""
-    n = len(batch["x"])
-    total = {name: torch.zeros_like(p) for name, p in model.named_parameters()}
-    norms = []
-    for i in range(n):
-        model.zero_grad(set_to_none=True)
-        _losses_k(model, batch, slice(i, i + 1)).sum().backward()
-        grads = {name: p.grad.detach().clone() for name, p in model.named_parameters()}
-        norm = math.sqrt(sum(float(g.double().pow(2).sum()) for g in grads.values()))
-        norms.append(norm)
-        for name in total:
-            total[name] += min(1.0, max_grad_norm / (norm + 1e-6)) * grads[name]
-    model.zero_grad(set_to_none=True)
-    return total, norms
-
-
 @pytest.mark.parametrize("deferred", [False, True], ids=["kept-rows", "deferred-layers"])
 def test_noise_multiplicity_clips_one_gradient_per_patient(deferred: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(grad_sample, "defer", lambda *sizes: deferred)
     model, batch = _model(), _batch_k(n=6)
-    _, norms = _per_example_reference_k(model, batch, max_grad_norm=1e9)
+    _, norms = _per_example_reference(model, batch, max_grad_norm=1e9, losses=_losses_k)
     clip = float(np.median(norms))  # half the patients are clipped
-    reference, _ = _per_example_reference_k(model, batch, clip)
+    reference, _ = _per_example_reference(model, batch, clip, losses=_losses_k)
     step = DPSGDStep(model, torch.optim.SGD(model.parameters(), lr=0.0), noise_multiplier=0.0, max_grad_norm=clip,
                      expected_batch_size=4, repeats=K)
     step.step(lambda: _losses_k(model, batch))
