@@ -209,13 +209,19 @@ def enforce_policy(policy: SitePolicy | None, cfg: FedsynthConfig, app_hash: str
 
 
 def model_parameters(cfg: FedsynthConfig) -> int:
-    """Parameters of the UNet ``cfg`` describes, counted on PyTorch's meta device: nothing is allocated."""
-    import torch
+    """Trainable parameters of the UNet ``cfg`` describes, measured without allocating them.
 
-    from common.model import build_unet
+    Raises:
+        PolicyError: the config describes a model beyond what fedsynth builds at all.
+    """
+    import math
 
-    with torch.device("meta"):
-        return sum(p.numel() for p in build_unet(cfg.model).parameters())
+    from common.model import trainable_shapes
+
+    try:
+        return sum(math.prod(shape) for shape in trainable_shapes(cfg.model).values())
+    except ValueError as err:  # names the setting, never a site detail
+        raise refuse(str(err)) from None
 
 
 def check_model_size(policy: SitePolicy | None, cfg: FedsynthConfig, received_values: int) -> None:

@@ -49,9 +49,9 @@ def planned_steps(cfg: FedsynthConfig) -> int:
 
 
 def count_parameters(cfg: FedsynthConfig) -> int:
-    from common.model import build_unet
+    from client.policy import model_parameters
 
-    return sum(p.numel() for p in build_unet(cfg.model).parameters() if p.requires_grad)
+    return model_parameters(cfg)
 
 
 def _plan(args: argparse.Namespace) -> int:
