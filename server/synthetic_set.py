@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 from common.checkpoint import file_sha256, load_checkpoint
 from common.errors import ConfigError
@@ -54,16 +54,21 @@ def plan_labels(all_classes: Sequence[str], wanted: Sequence[str], num: int) -> 
 
 
 def write_contact_sheet(path: Path, images: np.ndarray, class_names: Sequence[str], columns: int = 8) -> Path:
-    """One row of up to ``columns`` images per class, separated by a 2-pixel gap."""
+    """One row of up to ``columns`` images per class, the class name at the row's left, 2-pixel gaps."""
     rows = [(name, images[[i for i, c in enumerate(class_names) if c == name]][:columns]) for name in dict.fromkeys(class_names)]
     size = images.shape[-1]
     scale = max(1, 64 // size)  # tiny images are hard to judge: show them at least 64 px
     cell = size * scale + 2
-    sheet = Image.new("L", (columns * cell + 2, len(rows) * cell + 2), 255)
-    for r, (_, row) in enumerate(rows):
+    font = ImageFont.load_default()
+    label_width = 6 + max((int(font.getbbox(name)[2]) for name, _ in rows), default=0)
+    sheet = Image.new("L", (label_width + columns * cell + 2, len(rows) * cell + 2), 255)
+    draw = ImageDraw.Draw(sheet)
+    for r, (name, row) in enumerate(rows):
+        # Without the name a reader cannot tell which class a row was asked to show.
+        draw.text((4, 2 + r * cell + cell // 2), name, fill=0, font=font, anchor="lm")
         for c, img in enumerate(row):
             tile = Image.fromarray(to_uint8(img)).resize((size * scale, size * scale), Image.Resampling.NEAREST)
-            sheet.paste(tile, (2 + c * cell, 2 + r * cell))
+            sheet.paste(tile, (label_width + 2 + c * cell, 2 + r * cell))
     buffer = io.BytesIO()
     sheet.save(buffer, format="PNG")
     return write_bytes_atomic(path, buffer.getvalue())

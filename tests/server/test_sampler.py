@@ -88,3 +88,21 @@ def test_cli_errors_are_clear_and_nothing_is_overwritten(checkpoint: Path, tmp_p
     assert "'cube' is not a class of this checkpoint" in capsys.readouterr().err
     assert cli_main(["sample", "--checkpoint", str(tmp_path / "none.pt"), "--num", "2", "--out", str(tmp_path / "y")]) == 2
     assert "checkpoint not found" in capsys.readouterr().err
+
+
+def test_contact_sheet_rows_carry_their_class_names(tmp_path: Path) -> None:
+    from server.synthetic_set import write_contact_sheet
+
+    images = np.full((4, 16, 16), 1.0, dtype=np.float32)  # white tiles: any dark pixel left of them is the label
+    names = ["glioma", "glioma", "pituitary", "pituitary"]
+    write_contact_sheet(tmp_path / "sheet.png", images, names, columns=2)
+    sheet = np.asarray(Image.open(tmp_path / "sheet.png"))
+    cell = 16 * 4 + 2
+    label_width = sheet.shape[1] - 2 * cell - 2
+    assert label_width > 20, "no room for the class names"
+    for row in range(2):
+        strip = sheet[2 + row * cell: (row + 1) * cell, :label_width]
+        assert (strip < 128).sum() > 20, f"row {row} has no label text"
+    # different names draw different text
+    first, second = (sheet[2 + r * cell: (r + 1) * cell, :label_width] for r in range(2))
+    assert not np.array_equal(first, second)
