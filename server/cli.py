@@ -1,4 +1,4 @@
-"""The ``fedsynth`` command: demo, simulate, sample and the hospital's ``site`` tools."""
+"""The ``fedsynth`` command: demo, simulate, sample, pretrain and the hospital's ``site`` tools."""
 
 from __future__ import annotations
 
@@ -88,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_deploy_commands(sub)  # provision, run: server/deploy_cli.py
     from server.plan_command import add_plan_parser
     add_plan_parser(sub)
+    from server.pretrain_command import add_pretrain_parser
+    add_pretrain_parser(sub)
     return parser
 
 
