@@ -31,7 +31,8 @@ from common.images import load_image
 from common.nifti import is_nifti_path, load_volume
 from common.preprocess import foreground_fraction, normalise_intensity, resize_to_model
 
-__all__ = ["SiteSlices", "SkippedFile", "load_site_slices", "load_site_slices_cached", "require_readable"]
+__all__ = ["SiteSlices", "SkippedFile", "load_file_slices", "load_site_slices", "load_site_slices_cached",
+           "require_readable"]
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +131,16 @@ def _image_slices(path: Path, cfg: DataConfig) -> tuple[list[np.ndarray], list[t
     if image.min() == image.max():
         raise SiteDataError(f"{path}: constant image, no signal")
     return [resize_to_model(normalise_intensity(image), cfg.image_size)], [image.shape]
+
+
+def load_file_slices(path: Path, cfg: DataConfig) -> list[np.ndarray]:
+    """The ``(S, S)`` slices one image or volume gives a site, whatever folder it lies in.
+
+    Raises:
+        SiteDataError: the file is unreadable or holds no usable slice.
+    """
+    load = _volume_slices if is_nifti_path(path) else _image_slices
+    return load(path, cfg)[0]
 
 
 def _reason(err: SiteDataError, path: Path) -> str:

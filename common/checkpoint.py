@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import re
 import time
 from dataclasses import dataclass, field
@@ -36,6 +37,9 @@ class Checkpoint:
     sites: dict[str, dict[str, float]] = field(default_factory=dict)
     """Per site id: latest ``epsilon``, ``delta``, ``num_examples`` and ``rounds`` joined."""
     created: float = field(default_factory=time.time)
+    provenance: dict[str, Any] = field(default_factory=dict)
+    """Where the weights come from, as plain JSON-able data: a pretraining run's data and settings
+    (``kind: pretrained``, server/pretrain.py) or a federation's initial weights (``init``)."""
 
 
 def save_checkpoint(path: str | Path, ckpt: Checkpoint) -> Path:
@@ -48,6 +52,8 @@ def save_checkpoint(path: str | Path, ckpt: Checkpoint) -> Path:
             "rounds_completed": ckpt.rounds_completed,
             "sites": ckpt.sites,
             "created": ckpt.created,
+            # A JSON round trip: only plain data goes in, so the file still loads with weights_only=True.
+            "provenance": json.loads(json.dumps(ckpt.provenance)),
         },
     }
     buffer = io.BytesIO()
@@ -71,12 +77,16 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         config = config_from_dict(FedsynthConfig, without_moved_keys(payload["config"]), f"{path} (embedded config)")
         arrays = _checked_arrays(path, payload["arrays"], config)
         meta = payload["metadata"]
+        provenance = meta.get("provenance", {})  # absent in checkpoints written before it existed
+        if not isinstance(provenance, dict):
+            raise CheckpointError(f"{path}: checkpoint provenance is a {type(provenance).__name__}, not a mapping")
         return Checkpoint(
             config=config,
             arrays=arrays,
             rounds_completed=int(meta["rounds_completed"]),
             sites=dict(meta.get("sites", {})),
             created=float(meta.get("created", 0.0)),
+            provenance=provenance,
         )
     except KeyError as err:
         raise CheckpointError(f"{path}: checkpoint is missing {err}") from None
@@ -166,6 +176,6 @@ def check_output_dir(cfg: FedsynthConfig) -> Checkpoint | None:
     except CheckpointError as err:
         raise CheckpointError(f"cannot resume: {err}. Move {newest.name} out of {cfg.federation.checkpoint_dir} "
                               "to resume from the round before it.") from None
-    if ckpt.config.model != cfg.model:
+    if ckpt.config.model.architecture() != cfg.model.architecture():  # the init file is checked by its SHA-256
         raise ConfigError(f"{cfg.federation.checkpoint_dir}: cannot resume, the checkpoint's model settings differ from the config's")
     return ckpt

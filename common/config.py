@@ -83,6 +83,9 @@ class ModelConfig:
     num_res_blocks: int = 1
     norm_num_groups: int = 8
     num_head_channels: int = 8
+    # A checkpoint (e.g. from `fedsynth pretrain`) whose weights a fresh run starts from instead of a
+    # seeded random init; relative to the config file. Its model settings and data.image_size must match.
+    init_checkpoint: str = ""
 
     def __post_init__(self) -> None:
         require(len(self.classes) >= 1, "classes", "needs at least one class name")
@@ -103,6 +106,10 @@ class ModelConfig:
     def null_class(self) -> int:
         """Index of the extra 'no class' embedding used for classifier-free guidance."""
         return len(self.classes)
+
+    def architecture(self) -> ModelConfig:
+        """These settings without ``init_checkpoint``: what a model's weights must fit, whatever they start from."""
+        return dataclasses.replace(self, init_checkpoint="")
 
 
 @dataclass(frozen=True)
@@ -494,7 +501,8 @@ def load_federation_config(path: str | Path) -> FedsynthConfig:
         output_dir=_resolve(path.parent, cfg.federation.output_dir),
         final_model=_resolve(path.parent, cfg.federation.final_model),
     )
-    return dataclasses.replace(cfg, federation=fed)
+    model = dataclasses.replace(cfg.model, init_checkpoint=_resolve(path.parent, cfg.model.init_checkpoint))
+    return dataclasses.replace(cfg, federation=fed, model=model)
 
 
 def load_site_config(path: str | Path) -> SiteConfig:

@@ -1,4 +1,4 @@
-"""The ``fedsynth`` command: demo, simulate, sample and the hospital's ``site`` tools."""
+"""The ``fedsynth`` command: demo, simulate, sample, pretrain and the hospital's ``site`` tools."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from server.termination import Terminated, stop_signals_raise
 def _demo(args: argparse.Namespace) -> int:
     from server.demo import DemoSettings, run_demo
 
-    settings = DemoSettings(rounds=args.rounds, local_steps=args.local_steps)
+    settings = DemoSettings(rounds=args.rounds, local_steps=args.local_steps, use_pretrained=not args.random_init)
     summary = run_demo(Path(args.out), settings)
     print(f"\nDemo finished: {summary['rounds_completed']} rounds, checkpoint {summary['checkpoint']}")
     for site in summary["sites"]:
@@ -48,7 +48,7 @@ def _sample(args: argparse.Namespace) -> int:
                         steps=args.steps, guidance=args.guidance, seed=args.seed, batch_size=args.batch_size,
                         overwrite=args.overwrite)
     manifest = generate_synthetic_set(req)
-    print(f"{len(manifest['images'])} images written to {args.out} (manifest.json, contact_sheet.png)")
+    print(f"{len(manifest['images'])} images written to {args.out} (manifest.json, contact_sheet.png, model_card.md)")
     return 0
 
 
@@ -61,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", required=True, help="new folder for configs, ledgers, checkpoints, samples, summary.json")
     demo.add_argument("--rounds", type=int, default=4)
     demo.add_argument("--local-steps", type=int, default=30)
+    demo.add_argument("--random-init", action="store_true",
+                      help="start from random weights even when common/pretrained/demo.pt is shipped")
     demo.set_defaults(func=_demo)
 
     sim = sub.add_parser("simulate", help="run a federation config as a local Flower simulation")
@@ -88,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_deploy_commands(sub)  # provision, run: server/deploy_cli.py
     from server.plan_command import add_plan_parser
     add_plan_parser(sub)
+    from server.pretrain_command import add_pretrain_parser
+    add_pretrain_parser(sub)
     return parser
 
 

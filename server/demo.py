@@ -4,6 +4,10 @@ The 240 demo slices are split non-IID (each hospital sees mostly one or two tumo
 classes). Hospitals read them in place through a labels CSV of their own, so nothing is
 copied. Everything lands in ``--out``: configs, site ledgers, checkpoints, metrics,
 samples and ``summary.json``.
+
+When the project ships a pretrained starting point (``common/pretrained/demo.pt``, made by
+``fedsynth pretrain`` on public data disjoint from the demo set), the federation starts from it:
+its model, diffusion settings and image size are taken from that checkpoint, so they fit.
 """
 
 from __future__ import annotations
@@ -15,14 +19,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from client.ledger import init_ledger
-from common.config import load_federation_config, write_yaml
+from common.config import config_to_dict, load_federation_config, write_yaml
 from common.errors import ConfigError
 from common.fileio import write_bytes_atomic, write_json_atomic
 from common.checkpoint import load_checkpoint
 from server.simulation import run_simulation
-from server.synthetic_set import SampleRequest, generate_synthetic_set
+from server.synthetic_set import SampleRequest, generate_synthetic_set, init_summary
 
 DEMO_DATA = Path(__file__).resolve().parents[1] / "common" / "demo_data"
+DEMO_PRETRAINED = Path(__file__).resolve().parents[1] / "common" / "pretrained" / "demo.pt"
 CLASSES = ("glioma", "meningioma", "notumor", "pituitary")
 # Share of each class held by each hospital (columns sum to 1): hospitals differ in case mix.
 CLASS_SHARES = {
@@ -47,6 +52,13 @@ class DemoSettings:
     sample_steps: int = 50
     guidance: float = 1.0
     seed: int = 0
+    # Start from DEMO_PRETRAINED when the project ships it; False: the seeded random init.
+    use_pretrained: bool = True
+
+
+def demo_init_checkpoint(settings: DemoSettings) -> Path | None:
+    """The shipped pretrained starting point, if there is one and the demo may use it."""
+    return DEMO_PRETRAINED if settings.use_pretrained and DEMO_PRETRAINED.is_file() else None
 
 
 def split_demo_data(data_dir: Path, sites: dict[str, tuple[float, ...]], seed: int) -> dict[str, list[tuple[str, str]]]:
@@ -74,8 +86,12 @@ def _write_labels_csv(path: Path, rows: list[tuple[str, str]]) -> None:
     write_bytes_atomic(path, buffer.getvalue().encode("utf-8"))
 
 
-def write_demo_configs(out: Path, s: DemoSettings) -> tuple[Path, list[Path]]:
-    """The federation config and one site config per hospital, inside ``out``."""
+def write_demo_configs(out: Path, s: DemoSettings, init_checkpoint: Path | None = None) -> tuple[Path, list[Path]]:
+    """The federation config and one site config per hospital, inside ``out``.
+
+    With ``init_checkpoint`` the federation starts from it, with the model, diffusion settings and
+    image size embedded in it (``DemoSettings.channels`` and ``image_size`` then do not apply).
+    """
     federation = {
         "federation": {"output_dir": str(out / "server"), "num_rounds": s.rounds, "min_train_nodes": len(CLASS_SHARES),
                        "min_available_nodes": len(CLASS_SHARES), "round_timeout_s": 1800.0},
@@ -89,6 +105,14 @@ def write_demo_configs(out: Path, s: DemoSettings) -> tuple[Path, list[Path]]:
                     "accountant": "prv"},
         "data": {"image_size": s.image_size, "pixel_spacing_mm": 1.0},
     }
+    if init_checkpoint is not None:
+        init = load_checkpoint(init_checkpoint)
+        if tuple(init.config.model.classes) != CLASSES:
+            raise ConfigError(f"{init_checkpoint}: its classes {list(init.config.model.classes)} are not the demo's "
+                              f"{list(CLASSES)}; retrain it with `fedsynth pretrain` on these classes or remove it")
+        federation["model"] = {**config_to_dict(init.config.model), "init_checkpoint": str(Path(init_checkpoint).resolve())}
+        federation["diffusion"] = config_to_dict(init.config.diffusion)
+        federation["data"]["image_size"] = init.config.data.image_size
     fed_path = write_yaml(out / "federation.yaml", federation)
     site_paths = []
     for site, rows in split_demo_data(DEMO_DATA, CLASS_SHARES, s.seed).items():
@@ -107,7 +131,7 @@ def run_demo(out: Path, settings: DemoSettings = DemoSettings(), progress: bool 
     out = out.resolve()
     if (out / "summary.json").exists() or (out / "server" / "checkpoints").exists():
         raise ConfigError(f"{out} already holds a demo run; choose a new --out (site ledgers and checkpoints are never overwritten)")
-    fed_path, site_paths = write_demo_configs(out, settings)
+    fed_path, site_paths = write_demo_configs(out, settings, demo_init_checkpoint(settings))
     cfg = load_federation_config(fed_path)
     result = run_simulation(cfg, fed_path, site_paths, out, progress=progress)
     samples = out / "samples"
@@ -122,6 +146,7 @@ def run_demo(out: Path, settings: DemoSettings = DemoSettings(), progress: bool 
         "contact_sheet": str(samples / "contact_sheet.png"),
         "metrics_file": str(cfg.federation.metrics_file),
         "run_id": result.run_id,
+        "init": init_summary(final.provenance),
         "federation_seconds": round(result.seconds, 1),
         "sites": [{"site_id": site, "num_examples": int(info.get("num_examples", 0)),
                    "epsilon": info.get("epsilon"), "delta": info.get("delta")}

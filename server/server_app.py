@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
+from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
@@ -14,6 +17,8 @@ from common.config import FedsynthConfig, config_to_json, load_federation_config
 from common.errors import ConfigError
 from common.model import build_unet, trainable_state
 from server.audit_app import run_audit_app
+from server.init_weights import INIT, init_record, load_init_checkpoint, resumed_init_record
+from server.model_card import write_model_card
 from server.prompt_grid import prompt
 from server.strategy import CheckpointingFedAvg, arrays_to_numpy
 
@@ -31,14 +36,31 @@ def _load_config(context: Context) -> FedsynthConfig:
     return load_federation_config(path)
 
 
-def _starting_point(cfg: FedsynthConfig) -> tuple[dict, int, dict]:
-    """Initial weights, rounds already done and per-site state: fresh, or from the last checkpoint."""
+class StartingPoint(NamedTuple):
+    arrays: dict[str, np.ndarray]
+    rounds_done: int
+    sites: dict[str, dict[str, float]]
+    provenance: dict[str, Any]
+    """What every checkpoint of the run carries: ``{"init": ...}`` (server/init_weights.py)."""
+
+
+def _starting_point(cfg: FedsynthConfig, config_source: str = "the federation config") -> StartingPoint:
+    """Initial weights, rounds already done, per-site state and provenance: fresh, or from the last checkpoint.
+
+    A fresh run starts from ``model.init_checkpoint`` when set (checked to fit the model),
+    otherwise from the seeded random init; a resumed one checks the init file is unchanged.
+    """
     ckpt = check_output_dir(cfg)
     if ckpt is not None:
+        provenance = {INIT: resumed_init_record(cfg, ckpt, config_source)}
         log.info("resuming after round %d from %s", ckpt.rounds_completed, cfg.federation.checkpoint_dir)
-        return ckpt.arrays, ckpt.rounds_completed, ckpt.sites
+        return StartingPoint(ckpt.arrays, ckpt.rounds_completed, ckpt.sites, provenance)
+    if cfg.model.init_checkpoint:
+        init = load_init_checkpoint(cfg, config_source)
+        log.info("starting from model.init_checkpoint %s", cfg.model.init_checkpoint)
+        return StartingPoint(init.arrays, 0, {}, {INIT: init_record(cfg, init)})
     torch.manual_seed(cfg.training.seed)
-    return trainable_state(build_unet(cfg.model)), 0, {}
+    return StartingPoint(trainable_state(build_unet(cfg.model)), 0, {}, {INIT: init_record(cfg)})
 
 
 @app.main()
@@ -47,10 +69,11 @@ def main(grid: Grid, context: Context) -> None:
     if str(context.run_config.get(audit_protocol.RUN_MODE, audit_protocol.MODE_TRAIN)) == audit_protocol.MODE_AUDIT:
         run_audit_app(grid, context, cfg)  # a memorisation audit of a synthetic set instead of training
         return
-    arrays, rounds_done, sites = _starting_point(cfg)
+    arrays, rounds_done, sites, provenance = _starting_point(
+        cfg, str(context.run_config.get(keys.RUN_CONFIG_PATH, "")) or "the federation config")
     remaining = cfg.federation.num_rounds - rounds_done
     if remaining > 0:
-        strategy = CheckpointingFedAvg(cfg, rounds_done=rounds_done, sites=sites)
+        strategy = CheckpointingFedAvg(cfg, rounds_done=rounds_done, sites=sites, provenance=provenance)
         message_config = ConfigRecord({keys.FEDERATION_CONFIG: config_to_json(cfg)})
         result = strategy.start(
             grid=prompt(grid),
@@ -63,5 +86,8 @@ def main(grid: Grid, context: Context) -> None:
         arrays, sites = arrays_to_numpy(result.arrays), strategy.sites
     final = latest_checkpoint(cfg.federation.checkpoint_dir)
     done = final.rounds_completed if final else 0
-    save_checkpoint(cfg.federation.final_model_path, Checkpoint(cfg, arrays, done, sites))
-    log.info("final model (%d rounds) saved to %s", done, cfg.federation.final_model_path)
+    final_path = cfg.federation.final_model_path
+    final_ckpt = Checkpoint(cfg, arrays, done, sites, provenance=provenance)
+    save_checkpoint(final_path, final_ckpt)
+    write_model_card(Path(final_path).parent / "model_card.md", final_ckpt, final_path)
+    log.info("final model (%d rounds) saved to %s, its model card next to it", done, final_path)

@@ -79,9 +79,11 @@ class CheckpointingFedAvg(FedAvg):
         rounds_done: rounds completed before this start; Flower's round 1 is round
             ``rounds_done + 1`` of the federation.
         sites: per-site privacy state carried over from the resumed checkpoint.
+        provenance: saved in every round checkpoint (where the run's weights started).
     """
 
-    def __init__(self, cfg: FedsynthConfig, rounds_done: int = 0, sites: dict[str, dict[str, float]] | None = None) -> None:
+    def __init__(self, cfg: FedsynthConfig, rounds_done: int = 0, sites: dict[str, dict[str, float]] | None = None,
+                 provenance: dict[str, Any] | None = None) -> None:
         fed = cfg.federation
         super().__init__(
             fraction_train=fed.fraction_train,
@@ -98,6 +100,7 @@ class CheckpointingFedAvg(FedAvg):
         self.cfg = cfg
         self.rounds_done = rounds_done
         self.sites: dict[str, dict[str, float]] = dict(sites or {})
+        self.provenance: dict[str, Any] = dict(provenance or {})
         self._round_started = time.time()
         self._global: dict[str, Any] = {}
         # Messages of this phase; Flower fills in their ids when it sends them. A reply names the
@@ -183,7 +186,8 @@ class CheckpointingFedAvg(FedAvg):
             entry.update(epsilon=float(m[keys.EPSILON]), delta=float(m[keys.DELTA]), num_examples=int(m[keys.NUM_EXAMPLES]))
             entry["rounds"] = int(entry.get("rounds", 0)) + 1
         path = round_checkpoint_path(self.cfg.federation.checkpoint_dir, fed_round)
-        save_checkpoint(path, Checkpoint(self.cfg, arrays_to_numpy(arrays), fed_round, self.sites))
+        save_checkpoint(path, Checkpoint(self.cfg, arrays_to_numpy(arrays), fed_round, self.sites,
+                                         provenance=self.provenance))
         append_jsonl(self.cfg.federation.metrics_file, {
             "round": fed_round, "phase": "train", "kind": "aggregate", "time": time.time(),
             "round_seconds": time.time() - self._round_started, "sites": len(accepted),

@@ -3,6 +3,7 @@
 Layout of ``out``::
 
     manifest.json                 what was generated, from which checkpoint, with which knobs
+    model_card.md                 the checkpoint's model card (server/model_card.py)
     contact_sheet.png             one row per class
     images/<class>/<class>-0000.nii.gz   float32, shape (H, W, 1), affine = pixel spacing
     images/<class>/<class>-0000.png      8-bit preview
@@ -25,6 +26,7 @@ from common.fileio import write_bytes_atomic, write_json_atomic
 from common.images import to_uint8, write_png
 from common.model import pick_device
 from common.nifti import write_nifti_slice
+from server.model_card import MODEL_CARD, write_model_card
 from server.sampler import build_sampling_model, sample_images
 
 MANIFEST = "manifest.json"
@@ -74,6 +76,14 @@ def write_contact_sheet(path: Path, images: np.ndarray, class_names: Sequence[st
     return write_bytes_atomic(path, buffer.getvalue())
 
 
+def init_summary(provenance: dict) -> dict | None:
+    """What a synthetic set says of its model's start: the init block's kind, SHA-256 and description."""
+    init = provenance.get("init")
+    if not isinstance(init, dict):
+        return None
+    return {k: init[k] for k in ("kind", "sha256", "description", "seed") if k in init}
+
+
 def generate_synthetic_set(req: SampleRequest, progress: bool = True) -> dict:
     """Sample ``req.num`` images from a checkpoint and write them with their manifest.
 
@@ -109,6 +119,8 @@ def generate_synthetic_set(req: SampleRequest, progress: bool = True) -> dict:
         "checkpoint": str(Path(req.checkpoint).resolve()),
         "checkpoint_sha256": file_sha256(req.checkpoint),
         "rounds_completed": ckpt.rounds_completed,
+        "init": init_summary(ckpt.provenance),
+        "model_card": MODEL_CARD,
         "classes": list(cfg.model.classes),
         "image_size": cfg.data.image_size,
         "pixel_spacing_mm": cfg.data.pixel_spacing_mm,
@@ -119,5 +131,6 @@ def generate_synthetic_set(req: SampleRequest, progress: bool = True) -> dict:
         "contact_sheet": CONTACT_SHEET,
         "images": entries,
     }
-    write_json_atomic(req.out / MANIFEST, manifest)
+    write_model_card(req.out / MODEL_CARD, ckpt, req.checkpoint)
+    write_json_atomic(req.out / MANIFEST, manifest)  # last: its presence marks a complete set
     return manifest

@@ -190,3 +190,32 @@ def test_demo_command_end_to_end(tmp_path: Path) -> None:
     assert all(0 < s["epsilon"] < 10 and s["delta"] == 1e-5 and s["num_examples"] > 0 for s in summary["sites"])
     again = subprocess.run([str(exe if exe.exists() else "fedsynth"), "demo", "--out", str(out)], capture_output=True, text=True, timeout=120)
     assert again.returncode != 0 and "already holds a demo run" in again.stderr
+
+
+def test_a_federation_starts_from_a_pretrained_checkpoint(tmp_path: Path) -> None:
+    """One site, one round, from a `fedsynth pretrain` checkpoint: every checkpoint records which, and a card."""
+    from common.checkpoint import file_sha256
+    from server.pretrain import PretrainRequest, run_pretrain
+
+    fed_path = tmp_path / "federation.yaml"
+    raw = tiny_federation(tmp_path / "server", federation={"num_rounds": 1, "min_train_nodes": 1, "min_available_nodes": 1})
+    fed_path.write_text(yaml.safe_dump(raw))
+    init_path = tmp_path / "pretrained.pt"
+    run_pretrain(PretrainRequest(data_dir=write_shapes_dataset(tmp_path / "public", per_class=4, size=16, seed=9),
+                                 config=fed_path, out=init_path, steps=2, description="public shapes"), progress=False)
+    raw["model"]["init_checkpoint"] = init_path.name  # relative to the federation file
+    fed_path.write_text(yaml.safe_dump(raw))
+    cfg = load_federation_config(fed_path)
+    sites = [write_site(tmp_path / "sites", "site-a", write_shapes_dataset(tmp_path / "data-a", per_class=6, seed=1))]
+
+    result = run_simulation(cfg, fed_path, sites, tmp_path / "work", progress=False)
+    assert result.status == "finished:completed" and result.rounds_completed == 1
+
+    sha = file_sha256(init_path)
+    (_, round_path), = list_round_checkpoints(cfg.federation.checkpoint_dir)
+    for ckpt in (load_checkpoint(round_path), load_checkpoint(cfg.federation.final_model_path)):
+        init = ckpt.provenance["init"]
+        assert (init["kind"], init["sha256"], init["description"]) == ("checkpoint", sha, "public shapes")
+        assert init["pretraining"]["kind"] == "pretrained" and init["pretraining"]["num_images"] == 8
+    card = (cfg.federation.final_model_path.parent / "model_card.md").read_text()
+    assert sha in card and "public shapes" in card and "site-a" in card
