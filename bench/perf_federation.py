@@ -11,7 +11,9 @@
 * Deployment (a SuperLink and real ``flower-supernode`` processes on 127.0.0.1): time per
   round beyond the sites' own compute, plain (``--insecure``) and as in production (TLS with
   the certificates of ``fedsynth provision`` and SuperNode authentication with registered
-  keys), for 1.1M- and 10M-parameter models.
+  keys), for 1.1M- and 10M-parameter models. With each, what a fresh ``flwr-clientapp`` process
+  costs: its imports (``clientapp_import``) and a train task's path up to training phase by phase
+  (``fresh_train_task``, bench/fresh_task.py), with and without the site's epsilon cache.
 """
 
 from __future__ import annotations
@@ -30,8 +32,10 @@ import torch
 
 from bench.perf_common import TreeMemorySampler
 from bench.perf_sites import PARAMS_10M, SMALL, TINY_32, Federation, fresh_site_copy, make_federation
+from client.epsilon_cache import CACHE_FILE
 from client.site_data import load_site_slices
-from client.ledger import PrivacyLedger
+from client.ledger import PrivacyLedger, reserve_within_budget
+from client.policy import load_site_policy, privacy_ceiling
 from client.training import plan_steps, split_patients, train_round, validation_loss
 from common import keys
 from common.model import build_unet, count_parameters, trainable_state
@@ -230,7 +234,8 @@ def deployment_overhead(root: Path, rounds: int, model: dict, secure: bool = Fal
             "evaluate_every": fed.cfg.federation.evaluate_every,
             "round_wall_s": times["round_wall_s"], "round_seconds": times["round_seconds"],
             "site_compute_s": site_compute, "beyond_training_s": per_round - site_compute, "total_s": wall,
-            "timeline": timeline(fed), "clientapp_import": clientapp_import_seconds()}
+            "timeline": timeline(fed), "clientapp_import": clientapp_import_seconds(),
+            "fresh_train_task": fresh_train_task_seconds(fed, root / "baseline")}
 
 
 def timeline(fed: Federation) -> dict:
@@ -270,6 +275,41 @@ def clientapp_import_seconds() -> dict:
     return {**_fresh_import("import client.client_app"),
             "train_task": _fresh_import("import client.client_app, client.site_data, client.training, opacus"),
             "evaluate_task": _fresh_import("import client.client_app, client.site_data, client.training")}
+
+
+def fresh_train_task_seconds(fed: Federation, workdir: Path, repeats: int = 1) -> dict:
+    """A train task's path up to training (bench/fresh_task.py) in fresh processes, as in round 2 of a deployment.
+
+    The site's ledger holds round 1. ``warm``: the epsilon cache as round 1's process left it (its
+    "after" stored), as a deployed site has it; ``cold``: no cache file, as before the cache (both
+    epsilons composed). Per phase the median CPU seconds of the task's process; ``process_cpu_s``
+    is the whole process (interpreter start included), from the OS.
+    """
+    root = workdir / f"fresh-task-{time.monotonic_ns()}"
+    site = fresh_site_copy(fed.site_paths[0], root)
+    site_yaml = root / site.site_id / "site.yaml"
+    slices = load_site_slices(site.data_dir, fed.cfg.model.classes, fed.cfg.data)
+    planned = plan_steps(fed.cfg, len(split_patients(slices, site.val_fraction)[0]))
+    policy = load_site_policy(site.policy_file) if site.policy_file else None
+    reserve_within_budget(site.state_dir, fed.cfg.privacy.accountant, privacy_ceiling(site, policy, fed.cfg), planned,
+                          private=True, server_round=1)
+    cache = Path(site.state_dir) / CACHE_FILE
+    round_one = cache.read_bytes()
+    runs: dict[str, list[dict]] = {"cold": [], "warm": []}
+    for _ in range(repeats):
+        for mode in runs:  # alternated: both follow the machine's load alike
+            if mode == "warm":
+                cache.write_bytes(round_one)
+            else:
+                cache.unlink(missing_ok=True)
+            before = os.times()
+            proc = subprocess.run([sys.executable, "-m", "bench.fresh_task", str(fed.config_path), str(site_yaml)],
+                                  cwd=PROJECT_ROOT, check=True, capture_output=True, text=True)
+            after = os.times()
+            phases = {name: phase["cpu_s"] for name, phase in json.loads(proc.stdout.splitlines()[-1]).items()}
+            phases["process_cpu_s"] = (after.children_user - before.children_user) + (after.children_system - before.children_system)
+            runs[mode].append(phases)
+    return {mode: {name: statistics.median(r[name] for r in rows) for name in rows[0]} for mode, rows in runs.items()}
 
 
 def run(quick: bool, workdir: Path) -> dict:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from client.audit_log import AUDIT_FILE, TaskRecord, append_task_record, read_audit
+from client.epsilon_cache import EpsilonCache
 from client.privacy import Mechanism, check_mechanism, compute_epsilon
 from common.config import ACCOUNTANTS, PrivacyBudget
 from common.errors import PrivacyBudgetError, SiteDataError
@@ -111,7 +112,13 @@ class PrivacyLedger:
         return sum(e.steps for e in self.entries)
 
     def epsilon(self, delta: float, extra: list[Mechanism] | None = None) -> float:
-        return compute_epsilon(self.history() + (extra or []), delta, self.accountant)
+        """Epsilon of the whole ledger (plus ``extra``), through the site's epsilon cache.
+
+        A fresh process (one per Flower message) then composes only histories never seen at
+        this site: the "spent" of a budget check is the previous round's "after".
+        """
+        return compute_epsilon(self.history() + (extra or []), delta, self.accountant,
+                               cache=EpsilonCache(self.path.parent))
 
     def check_audit(self) -> None:
         """Refuse a ledger holding fewer steps than the site's audit log says it took.

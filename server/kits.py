@@ -28,6 +28,7 @@ from client.policy import SitePolicy, running_app_hash
 from common.config import SiteConfig, config_from_dict
 from common.errors import FedsynthError
 from common.fileio import make_dirs, write_bytes_atomic
+from server.local_federation import SUPEREXEC_POLL_ENV
 
 MANIFEST = "provision.json"
 CA_CERT = "ca.pem"
@@ -56,6 +57,9 @@ PRIVATE, PUBLIC, SCRIPT, FOLDER = 0o600, 0o644, 0o755, 0o700
 # installs unless started with --allow-runtime-dependency-installation).
 FLOWER_QUIET_ENV = ("FLWR_TELEMETRY_ENABLED=0", "FLWR_DISABLE_UPDATE_CHECK=1",
                     "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1")
+# Every way a site starts its SuperNode (kit script, hospital image, compose, Kubernetes) sets
+# these: the flower-superexec it starts looks for each message's task every 0.1 s, not every second.
+SUPERNODE_ENV = tuple(f"{name}={value}" for name, value in SUPEREXEC_POLL_ENV.items())
 
 
 class ProvisionError(FedsynthError):
@@ -304,8 +308,12 @@ exit $status
 def render_start_supernode(settings: KitSettings) -> str:
     preamble = _PREAMBLE.format(purpose="Starts this hospital's SuperNode (one outbound TLS connection).",
                                 env=" ".join(FLOWER_QUIET_ENV[:2]))
+    # Defaults only: a value already in the environment (the site admin's) wins.
+    defaults = "".join(f'export {name}="${{{name}:-{value}}}"\n' for name, value in SUPEREXEC_POLL_ENV.items())
     return preamble + f"""\
-# FEDSYNTH_SUPERLINK (default {settings.superlink}): the coordinator's SuperLink, host:port.
+# FLWR_SUPEREXEC_TASK_POLL_INTERVAL: seconds between the SuperExec's looks for a new task;
+#   Flower's default of 1 s delays the start of every message.
+{defaults}# FEDSYNTH_SUPERLINK (default {settings.superlink}): the coordinator's SuperLink, host:port.
 # FEDSYNTH_SITE_CONFIG (default $KIT/{SITE_CONFIG}): this site's config (data, state, budget).
 # FEDSYNTH_NUM_THREADS (optional): torch threads per training process.
 # Once, before the first start: fedsynth site init --config "$KIT/{SITE_CONFIG}" (the privacy ledger).

@@ -26,3 +26,16 @@ def test_the_evaluation_path_needs_no_opacus() -> None:
     """validation_loss lives next to train_round; only train_round's accounting may pull in Opacus."""
     loaded = _modules_after("from client.training import validation_loss")
     assert "torch" in loaded and "opacus" not in loaded
+
+
+def test_a_fresh_process_reads_a_known_history_s_epsilon_without_any_accountant(tmp_path: Path) -> None:
+    """The site's epsilon cache: the epsilon spent, composed by the previous round's process, costs no Opacus."""
+    from client.ledger import PrivacyLedger, init_ledger
+
+    init_ledger(tmp_path, "site-a")
+    ledger = PrivacyLedger.open(tmp_path, "prv")
+    ledger.reserve((1.0, 0.25, 3))
+    spent = ledger.epsilon(1e-5)  # composed here, stored in the state folder
+    ledger_there = f"from client.ledger import PrivacyLedger; ledger = PrivacyLedger.open({str(tmp_path)!r})"
+    assert "opacus" not in _modules_after(f"{ledger_there}; assert ledger.epsilon(1e-5) == {spent!r}")
+    assert "opacus" in _modules_after(f"{ledger_there}; ledger.epsilon(2e-5)")  # never seen: composed

@@ -220,3 +220,25 @@ def test_k8s_manifests_mount_kit_files_and_probe_the_health_port(manifest: str, 
         assert [p["port"] for p in service["spec"]["ports"]] == [9093]
         named = {p["name"]: p["containerPort"] for p in container["ports"]}
         assert named[service["spec"]["ports"][0]["targetPort"]] == 9093
+
+
+def test_every_way_a_site_starts_its_supernode_sets_the_superexec_poll(kits_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The hospital image, compose, Kubernetes and the kit's script agree on Flower's SuperExec settings."""
+    from flwr.supercore.superexec.run_superexec import _get_task_poll_interval
+
+    expected = dict(setting.split("=", 1) for setting in kits.SUPERNODE_ENV)
+    assert expected == {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1"}
+    for name, value in expected.items():  # a variable Flower 1.42 reads, with a value it accepts
+        monkeypatch.setenv(name, value)
+    assert _get_task_poll_interval() == 0.1
+    image_env = " ".join(args for keyword, args in parse_dockerfile(DOCKERFILES["hospital"]) if keyword == "ENV")
+    for setting in kits.SUPERNODE_ENV:
+        assert setting in image_env.split(), f"hospital.Dockerfile: ENV lacks {setting}"
+    compose = yaml.safe_load(_substitute((DEPLOY / "compose.yaml").read_text(), kits_home))
+    for site in COMPOSE_SITES:
+        assert compose["services"][site]["environment"] == expected, f"compose.yaml: {site}"
+    pod = next(d for d in _documents("site.yaml") if d["kind"] == "Deployment")["spec"]["template"]["spec"]
+    assert {e["name"]: e["value"] for e in pod["containers"][0]["env"]} == expected, "k8s/site.yaml"
+    script = (kits_home / "kits" / "sites" / COMPOSE_SITES[0] / kits.START_SUPERNODE).read_text()
+    for name, value in expected.items():
+        assert f'export {name}="${{{name}:-{value}}}"' in script

@@ -108,6 +108,21 @@ def test_site_config_template_loads_with_the_sites_budget(provisioned: kits.Layo
     assert "fl.example.org:9093" in script
 
 
+def test_start_supernode_hands_flowers_settings_to_the_supernode(provisioned: kits.Layout, tmp_path: Path) -> None:
+    # A stand-in flower-supernode on PATH prints what the kit's script hands it.
+    fake = tmp_path / "bin" / "flower-supernode"
+    fake.parent.mkdir()
+    fake.write_text('#!/bin/sh\necho "poll=$FLWR_SUPEREXEC_TASK_POLL_INTERVAL telemetry=$FLWR_TELEMETRY_ENABLED"\n')
+    fake.chmod(0o755)
+    script = str(provisioned.site_dir("hospital-a") / kits.START_SUPERNODE)
+    env = {"PATH": f"{fake.parent}:/usr/bin:/bin"}
+    out = subprocess.run(["sh", script], env=env, capture_output=True, text=True, timeout=30, check=True).stdout
+    assert out.strip() == "poll=0.1 telemetry=0"
+    tuned = {**env, "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.5"}  # the site's admin may tune it
+    out = subprocess.run(["sh", script], env=tuned, capture_output=True, text=True, timeout=30, check=True).stdout
+    assert out.strip() == "poll=0.5 telemetry=0"
+
+
 def test_site_kit_names_a_default_policy_that_loads_and_bounds_the_audit(provisioned: kits.Layout) -> None:
     kit = provisioned.site_dir("hospital-b")
     site = load_site_config(kit / kits.SITE_CONFIG)

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
 from opacus.accountants import RDPAccountant
+from opacus.accountants.analysis.prv import PoissonSubsampledGaussianPRV, compute_safe_domain_size
 
 from client import privacy
 from client.ledger import LEDGER_FILE, PrivacyLedger
@@ -97,6 +100,27 @@ def test_a_realistic_ledger_still_uses_prv() -> None:
     history = [(1.0, 0.032, 1563)]  # REFERENCE.md's example: epsilon ~8.4 with PRV
     assert privacy.prv_domain_points(history, 1e-5) < privacy.PRV_MAX_POINTS
     assert privacy.compute_epsilon(history, 1e-5) == pytest.approx(8.42, abs=0.05)
+
+
+def _opacus_grid_points(merged: list, delta: float) -> int:
+    """What PRVAccountant._get_domain allocates: 2 L / mesh per mechanism, L from Opacus' own safe domain size."""
+    steps = [n for _, _, n in merged]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        half_width = compute_safe_domain_size(prvs=[PoissonSubsampledGaussianPRV(q, s) for s, q, _ in merged],
+                                              max_self_compositions=steps, eps_error=0.01, delta_error=delta / 1000)
+    mesh = 0.01 / math.sqrt(sum(steps) * math.log(12 / (delta / 1000)) / 2)
+    return math.ceil(2 * half_width / mesh) * len(merged)
+
+
+@pytest.mark.parametrize("history", [[(1.0, 0.25, 2)], [(1.0, 0.032, 1563)], [(1.1, 0.0625, 200), (0.9, 0.125, 50)],
+                                     [(0.6, 0.5, 3)], [(5.0, 0.001, 10)], [(1.0, 0.25, 100000)], [(0.01, 0.5, 10)]])
+def test_the_grid_estimate_never_undercounts_opacus_grid(history: list) -> None:
+    # Integer RDP orders only: an upper bound on Opacus' L, a twentieth of its cost, and close on real ledgers.
+    estimate, opacus_points = privacy.prv_domain_points(history, 1e-5), _opacus_grid_points(history, 1e-5)
+    assert estimate >= opacus_points
+    if opacus_points < privacy.PRV_MAX_POINTS:
+        assert estimate <= 1.01 * opacus_points
 
 
 def test_many_distinct_mechanisms_are_bounded_by_a_dominating_one() -> None:
