@@ -199,7 +199,8 @@ def train_reply_content(result: TrainResult, site_id: str, transfer_dtype: str) 
     """Everything a train reply carries: the weights in the federation's transfer dtype, numbers, the site's name.
 
     Under DP the training loss stays at the site: it is computed on the sampled patients without
-    noise, so epsilon does not cover it.
+    noise, so epsilon does not cover it. With ``training.trainable`` a subset only the trained
+    arrays travel: the frozen ones are the server's own global weights.
     """
     metrics = MetricRecord({
         keys.NUM_EXAMPLES: result.num_examples,
@@ -209,8 +210,9 @@ def train_reply_content(result: TrainResult, site_id: str, transfer_dtype: str) 
     })
     if not result.private:
         metrics[keys.TRAIN_LOSS] = result.loss
+    sent = {name: result.arrays[name] for name in result.trained} if result.trained else result.arrays
     return RecordDict({
-        keys.ARRAYS: ArrayRecord(array_dict={k: Array(v) for k, v in encode_update(result.arrays, transfer_dtype).items()}),
+        keys.ARRAYS: ArrayRecord(array_dict={k: Array(v) for k, v in encode_update(sent, transfer_dtype).items()}),
         keys.METRICS: metrics,
         keys.SITE: ConfigRecord({keys.SITE_ID: site_id}),
     })

@@ -4,8 +4,9 @@ within the site's privacy budget.
 DP-SGD at a site adds ``N(0, (sigma C)^2)`` per coordinate to the sum of clipped per-patient
 gradients and divides by the expected batch ``B = int(patients * q)``. Relative to the clipping norm
 ``C`` the noise in the averaged update has standard deviation ``sigma / B`` per coordinate, and
-``sigma * sqrt(d) / B`` in norm for ``d`` trainable parameters, against a clipped mean whose norm is
-at most 1. The planner searches the sampling rates a site can use (``q = 1 / ceil(patients / b)``
+``sigma * sqrt(d) / B`` in norm for ``d`` trainable parameters (the subset ``training.trainable``
+selects: frozen parameters get no noise), against a clipped mean whose norm is at most 1. The
+planner searches the sampling rates a site can use (``q = 1 / ceil(patients / b)``
 for candidate batch sizes ``b``), finds for each the smallest ``sigma`` whose epsilon, composed over
 the site's whole ledger plus the planned steps, stays within its budget, and keeps the one with the
 smallest ``sigma / B``. Larger batches help only while subsampling still amplifies privacy; past

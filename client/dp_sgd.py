@@ -10,6 +10,11 @@ The DP-SGD step is Opacus' mechanism (``DPOptimizer`` with flat clipping and
 
 Poisson sampling of patients and the accounting are untouched (:mod:`client.privacy`): only
 how the per-sample gradients are computed differs from Opacus' hooks.
+
+With ``training.trainable`` a subset (common/trainable.py), the frozen parameters have
+``requires_grad`` off: ``g_i`` and its norm, the clipping and the noise cover the trainable
+parameters only, so a patient still moves the noised sum by at most ``C`` and the accounting
+(sigma, q, steps) is unchanged; fewer coordinates simply carry the same noise per coordinate.
 """
 
 from __future__ import annotations

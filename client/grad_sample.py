@@ -1,5 +1,8 @@
 """Per-sample gradients of every trainable parameter in one backward pass (pure torch, no Opacus).
 
+Only parameters with ``requires_grad`` count (``training.trainable`` freezes the rest): a layer
+without any is never hooked, and autograd carries only input gradients through it.
+
 Opacus' hooks let autograd compute the summed weight gradient *and* then compute the
 per-sample ones on top, so DP-SGD pays for the weight gradient twice (~1.8x a plain step
 on fedsynth's UNet). Here autograd only carries gradients from layer to layer:
@@ -194,7 +197,10 @@ class GradSampler:
         for layer in self.layers:
             rows, a_numel, out_numel = layer.sizes
             batch = rows // self._repeats  # the per-sample gradients kept are per sample, not per row
-            layer.deferred = (type(layer.module) in WEIGHTED and layer.calls == 1 and batch > 0
+            # A deferred layer's norms and clipped sums cover all its parameters: only a wholly trainable
+            # layer may be deferred (a frozen weight's gradient must not count towards a sample's norm).
+            whole = len(layer.params) == len(list(layer.module.parameters(recurse=False)))
+            layer.deferred = (type(layer.module) in WEIGHTED and layer.calls == 1 and batch > 0 and whole
                               and defer(layer.module.weight.numel(), batch, a_numel, out_numel))
             if not layer.deferred:
                 for p in layer.params:

@@ -211,6 +211,8 @@ def enforce_policy(policy: SitePolicy | None, cfg: FedsynthConfig, app_hash: str
 def model_parameters(cfg: FedsynthConfig) -> int:
     """Trainable parameters of the UNet ``cfg`` describes, measured without allocating them.
 
+    The whole model a site builds, whatever ``training.trainable`` freezes: this bounds memory.
+
     Raises:
         PolicyError: the config describes a model beyond what fedsynth builds at all.
     """

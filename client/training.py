@@ -36,6 +36,7 @@ from common.model import (
     pick_device,
     trainable_state,
 )
+from common.trainable import freeze_outside, is_partial, trainable_names
 
 log = logging.getLogger("fedsynth.client")
 
@@ -53,6 +54,8 @@ class TrainResult:
     """DP-SGD: ``loss`` (of sampled patients, without noise) must not leave the site."""
     unsafe_reproducible_dp: bool = False
     """DP noise seeded from the config: the site's test-only switch was on."""
+    trained: tuple[str, ...] = ()
+    """The parameters trained (``training.trainable``), the only ones the reply carries; empty: all."""
 
 
 class PatientDataset(Dataset):
@@ -117,6 +120,7 @@ def train_round(
     """Train ``cfg.training.local_steps`` steps from the global weights; DP unless the site allows otherwise.
 
     Raises:
+        ConfigError: ``training.trainable`` names a pattern that matches no parameter.
         PolicyError: the task would loosen the site's policy (see client/policy.py).
         PrivacyBudgetError: the planned steps would exceed the site's privacy ceiling, or the
             coordinator asked for non-private training the site does not allow.
@@ -129,6 +133,8 @@ def train_round(
     """
     train_groups, _ = split_patients(slices, site.val_fraction)
     enforce_policy(policy, cfg, app_hash, len(train_groups))
+    if is_partial(cfg.training.trainable):
+        trainable_names(cfg)  # a pattern matching nothing is refused here, before any budget is reserved
     budget = privacy_ceiling(site, policy, cfg)
     if not cfg.privacy.enabled and not site.allow_non_private:
         reason = (
@@ -147,10 +153,13 @@ def train_round(
     amp_dtype = autocast_dtype(cfg.training.mixed_precision, device)
     model = build_unet(cfg.model)
     load_trainable_state(model, global_arrays)
+    # Frozen before the optimiser and the DP step see the model: both take only what requires a gradient,
+    # so clipping and noise cover the trained subset and the frozen weights stay the global ones, bit for bit.
+    trained = freeze_outside(model, cfg.training.trainable)
     model.to(device).train()
     if amp_dtype is not None:  # tensor-core convolutions want NHWC; weights still travel as float32 NCHW arrays
         model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.training.learning_rate)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.training.learning_rate)
     params = list(optimizer.param_groups[0]["params"])
     carried = load_run_state(site.state_dir, run_id, server_round, params)
     if cfg.training.keep_optimizer_state:
@@ -197,7 +206,7 @@ def train_round(
     log.info("round %d: %d steps, train loss %.4f (%s)", server_round, steps, loss,
              "kept at the site" if cfg.privacy.enabled else "sent: non-private training")
     return TrainResult(
-        arrays=trainable_state(model),
+        arrays=trainable_state(model, include_frozen=True),  # the whole model: validation_loss loads it
         num_examples=len(train_groups),
         loss=loss,
         steps=steps,
@@ -206,6 +215,7 @@ def train_round(
         epsilon_before=epsilon_before,
         private=cfg.privacy.enabled,
         unsafe_reproducible_dp=cfg.privacy.enabled and site.unsafe_reproducible_dp,
+        trained=trained if is_partial(cfg.training.trainable) else (),
     )
 
 

@@ -19,6 +19,7 @@ import json
 import math
 import os
 import stat
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +28,8 @@ from typing import Any, TypeVar
 import yaml
 
 from common.errors import ConfigError
+from common.trainable import ALL as TRAIN_ALL
+from common.trainable import spec_problem as trainable_problem
 
 T = TypeVar("T")
 
@@ -146,6 +149,9 @@ class TrainingConfig:
     keep_optimizer_state: bool = True
     # Linear learning-rate warm-up over the site's first optimiser steps of a run, then constant.
     warmup_steps: int = 0
+    # Which parameters train under DP and travel: "all", "efficient" or a list of glob patterns over
+    # parameter names (common/trainable.py); each pattern is checked against the model where it is built.
+    trainable: str | tuple[str, ...] = TRAIN_ALL
 
     def __post_init__(self) -> None:
         require(self.mixed_precision in MIXED_PRECISION, "mixed_precision",
@@ -157,6 +163,8 @@ class TrainingConfig:
         require(1 <= self.noise_multiplicity <= MAX_NOISE_MULTIPLICITY, "noise_multiplicity",
                 f"must be in [1, {MAX_NOISE_MULTIPLICITY}], got {self.noise_multiplicity}")
         require(self.warmup_steps >= 0, "warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+        problem = trainable_problem(self.trainable)
+        require(problem is None, "trainable", str(problem))
 
 
 @dataclass(frozen=True)
@@ -371,6 +379,13 @@ def _type_name(tp: Any) -> str:
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check ``value`` against the annotation ``tp``; YAML lists become tuples."""
     origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):  # e.g. str | tuple[str, ...]: the arm the YAML value fits
+        arms = typing.get_args(tp)
+        for arm in arms:
+            if isinstance(value, (list, tuple)) if typing.get_origin(arm) is tuple else isinstance(value, arm):
+                return _coerce(value, arm, key)
+        names = " or ".join("a list" if typing.get_origin(a) is tuple else f"a {_type_name(a)}" for a in arms)
+        raise _Invalid(key, f"must be {names}, got {type(value).__name__}")
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise _Invalid(key, f"must be a mapping, got {type(value).__name__}")

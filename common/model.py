@@ -146,16 +146,20 @@ def count_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def trainable_state(model: torch.nn.Module) -> dict[str, np.ndarray]:
+def trainable_state(model: torch.nn.Module, include_frozen: bool = False) -> dict[str, np.ndarray]:
     """The weights that travel: float32 numpy arrays of trainable parameters only.
 
     Opacus wraps the model and prefixes its keys with ``_module.``; the wire format must
     not depend on whether a site trained with DP, so the prefix is stripped.
+
+    Args:
+        include_frozen: also the parameters a site froze for ``training.trainable``: the whole
+            model, as the server and every other caller of :func:`load_trainable_state` expect it.
     """
     inner = getattr(model, "_module", model)
     out: dict[str, np.ndarray] = {}
     for name, param in inner.named_parameters():
-        if param.requires_grad:
+        if param.requires_grad or include_frozen:
             out[name] = param.detach().to("cpu", torch.float32).numpy().copy()
     return out
 

@@ -49,9 +49,11 @@ def planned_steps(cfg: FedsynthConfig) -> int:
 
 
 def count_parameters(cfg: FedsynthConfig) -> int:
+    """The coordinates DP noise is added in: the trained subset under ``training.trainable``."""
     from client.policy import model_parameters
+    from common.trainable import is_partial, trainable_count
 
-    return model_parameters(cfg)
+    return trainable_count(cfg) if is_partial(cfg.training.trainable) else model_parameters(cfg)
 
 
 def _plan(args: argparse.Namespace) -> int:
@@ -66,8 +68,9 @@ def _plan(args: argparse.Namespace) -> int:
         for site in sites:
             plans.append(plan_site(site, steps, cfg.privacy.accountant))
     num_parameters = count_parameters(cfg)
-    console.print(render_table(plans, num_parameters, cfg.privacy.accountant))
+    console.print(render_table(plans, num_parameters, cfg.privacy.accountant, cfg.training.trainable))
     result: dict = {"steps": steps, "accountant": cfg.privacy.accountant, "num_parameters": num_parameters,
+                    "trainable": cfg.training.trainable,
                     "sites": [plan_row(p, num_parameters) for p in plans]}
     if any(p.feasible for p in plans):
         batch, sigma = plan_common(plans, sites, steps, cfg.privacy.accountant)
@@ -92,8 +95,9 @@ def plan_row(plan: SitePlan, num_parameters: int) -> dict:
             "reason": plan.reason, "candidates": [list(c) for c in plan.candidates]}
 
 
-def render_table(plans: list[SitePlan], num_parameters: int, accountant: str) -> Table:
-    table = Table(title=f"DP plan per site ({accountant} accountant, {num_parameters:,} trainable parameters)")
+def render_table(plans: list[SitePlan], num_parameters: int, accountant: str, trainable: str | tuple[str, ...] = "all") -> Table:
+    subset = "" if trainable == "all" else f", training.trainable {trainable if isinstance(trainable, str) else list(trainable)}"
+    table = Table(title=f"DP plan per site ({accountant} accountant, {num_parameters:,} trainable parameters{subset})")
     for column in ("site", "patients", "batch", "q", "sigma", "steps", "epsilon", "delta",
                    "noise std / coord (x C)", "noise / signal norm"):
         table.add_column(column, justify="left" if column == "site" else "right")

@@ -15,6 +15,7 @@ from common.audit_protocol import MODE_TRAIN, RUN_MODE
 from common.checkpoint import check_output_dir
 from common.config import FedsynthConfig
 from common.errors import FederationError
+from common.trainable import is_partial, trainable_names
 from server.local_federation import local_superlink, run_status, save_run_log, submit_run
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -98,6 +99,8 @@ def run_simulation(cfg: FedsynthConfig, config_path: Path, site_configs: list[Pa
     extra = dict(extra_run_config or {})
     if extra.get(RUN_MODE, MODE_TRAIN) == MODE_TRAIN:
         check_output_dir(cfg)  # fail in a second, not after Flower has started
+        if is_partial(cfg.training.trainable):
+            trainable_names(cfg)  # likewise: a pattern that matches no parameter
     started = time.time()
     run_config = {keys.RUN_CONFIG_PATH: str(config_path.resolve()),
                   keys.RUN_SIM_SITES: ",".join(str(p.resolve()) for p in site_configs), **extra}

@@ -19,6 +19,7 @@ from common.config import FedsynthConfig
 from common.errors import FederationError
 from common.fileio import append_jsonl
 from common.transfer import decode_update
+from server.partial_updates import PartialUpdates
 from server.update_checks import update_problem
 
 log = logging.getLogger("fedsynth.server")
@@ -107,6 +108,7 @@ class CheckpointingFedAvg(FedAvg):
         # message it answers, which is how an error made up by the SuperLink is traced to its site.
         self._sent: list[Message] = []
         self._node_sites: dict[int, str] = {}  # learnt from earlier replies, to name a site that later fails
+        self._partial = PartialUpdates(cfg)  # training.trainable: what a reply carries, and its completion
 
     def _wait_for_nodes(self, grid: Grid, fed_round: int) -> None:
         """Flower's FedAvg waits forever for nodes; a consortium needs to stop cleanly instead."""
@@ -151,11 +153,13 @@ class CheckpointingFedAvg(FedAvg):
                 problem = "reply lacks its arrays or metrics record"
             else:
                 update = arrays_to_numpy(content[keys.ARRAYS])
-                problem = update_problem(update, self._global, content[keys.METRICS],
-                                         self.cfg.federation.max_update_norm, self.cfg.federation.transfer_dtype)
+                problem = update_problem(update, self._partial.expected(self._global), content[keys.METRICS],
+                                         self.cfg.federation.max_update_norm, self.cfg.federation.transfer_dtype,
+                                         note=self._partial.note)
             if problem is None:
                 if self.cfg.federation.transfer_dtype != "float32":  # FedAvg must average in float32
                     content[keys.ARRAYS] = ArrayRecord({k: Array(v) for k, v in decode_update(update).items()})
+                content[keys.ARRAYS] = self._partial.completed(content[keys.ARRAYS], self._global)
                 accepted.append(msg)
                 continue
             site_id = self._site_id(msg)
@@ -179,6 +183,7 @@ class CheckpointingFedAvg(FedAvg):
         arrays, metrics = super().aggregate_train(server_round, accepted)
         if arrays is None:
             raise FederationError(f"round {fed_round}: aggregation produced no model")
+        arrays = self._partial.pinned(arrays, self._global)
         for msg in accepted:
             m = msg.content[keys.METRICS]
             site_id = self._site_id(msg)

@@ -23,18 +23,21 @@ def update_problem(
     metrics: Mapping[str, float],
     max_update_norm: float = 0.0,
     transfer_dtype: str = "float32",
+    note: str = "",
 ) -> str | None:
     """Why ``update`` must be rejected, or ``None`` when it is acceptable.
 
     ``transfer_dtype`` is the federation's ``transfer_dtype``: exactly that dtype is accepted.
+    ``global_arrays`` holds exactly the arrays the update must carry (the trained subset under
+    ``training.trainable``); ``note`` says why, after a missing or unexpected array.
     """
     expected_dtype = wire_dtype(transfer_dtype)
     missing = sorted(set(global_arrays) - set(update))
     extra = sorted(set(update) - set(global_arrays))
     if missing:
-        return f"{len(missing)} array(s) missing, e.g. {missing[0]}"
+        return f"{len(missing)} array(s) missing, e.g. {missing[0]}{note}"
     if extra:
-        return f"{len(extra)} unexpected array(s), e.g. {extra[0]}"
+        return f"{len(extra)} unexpected array(s), e.g. {extra[0]}{note}"
     squared = 0.0
     for name, reference in global_arrays.items():
         value = update[name]

@@ -86,3 +86,21 @@ def test_plan_command_on_real_site_files(tmp_path: Path, capsys: pytest.CaptureF
         assert row["feasible"] and row["epsilon"] <= budget
         assert 0 < row["patients"] < 60
     assert plan["federation"]["batch_size"] >= 1
+
+
+def test_plan_counts_only_the_trained_subset(tmp_path: Path) -> None:
+    """training.trainable efficient: the noise per coordinate is the same, its norm covers fewer coordinates."""
+    import math
+
+    from common.config import FedsynthConfig, config_from_dict
+    from common.trainable import trainable_count
+    from server.plan_command import count_parameters, plan_row
+
+    every = config_from_dict(FedsynthConfig, tiny_federation(tmp_path), "t")
+    efficient = config_from_dict(FedsynthConfig, tiny_federation(tmp_path, training={"trainable": "efficient"}), "t")
+    n_all, n_eff = count_parameters(every), count_parameters(efficient)
+    assert n_eff == trainable_count(efficient) and 0 < n_eff < n_all
+    plan = plan_site(SiteBudget("a", 200, 8.0, 1e-5), 100, "rdp")
+    whole, subset = plan_row(plan, n_all), plan_row(plan, n_eff)
+    assert subset["noise_per_coordinate"] == whole["noise_per_coordinate"]
+    assert subset["noise_to_signal"] == pytest.approx(whole["noise_to_signal"] * math.sqrt(n_eff / n_all))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from collections.abc import Callable
@@ -13,6 +14,7 @@ import torch
 from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer
 
+from client.client_app import train_reply_content
 from client.dp_sgd import DPSGDStep, PlainStep
 from client import grad_kernels, grad_sample
 from client.grad_sample import GradSampler
@@ -22,6 +24,7 @@ from client.training import PatientDataset, TrainResult, train_round
 from common.config import DiffusionConfig, FedsynthConfig, ModelConfig, config_from_dict, load_site_config
 from common.errors import ConfigError
 from common.model import autocast_dtype, build_train_scheduler, build_unet, diffusion_loss, trainable_state
+from common.trainable import EFFICIENT_PATTERNS, freeze_outside
 from tests.conftest import tiny_federation, write_site
 
 TINY = ModelConfig(classes=("disc", "ring"), channels=(8, 8), attention_levels=(False, True), norm_num_groups=4,
@@ -51,12 +54,12 @@ def _per_example_reference(model: torch.nn.Module, batch: dict, max_grad_norm: f
                            losses: Callable[..., torch.Tensor] = _losses) -> tuple[dict[str, torch.Tensor], list[float]]:
     """Clipped-summed gradient from one ordinary backward pass per example of ``losses`` (per patient)."""
     n = len(batch["x"])
-    total = {name: torch.zeros_like(p) for name, p in model.named_parameters()}
+    total = {name: torch.zeros_like(p) for name, p in model.named_parameters() if p.requires_grad}
     norms = []
     for i in range(n):
         model.zero_grad(set_to_none=True)
         losses(model, batch, slice(i, i + 1)).sum().backward()
-        grads = {name: p.grad.detach().clone() for name, p in model.named_parameters()}
+        grads = {name: p.grad.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
         norm = math.sqrt(sum(float(g.double().pow(2).sum()) for g in grads.values()))
         norms.append(norm)
         factor = min(1.0, max_grad_norm / (norm + 1e-6))
@@ -310,3 +313,88 @@ def test_noise_multiplicity_costs_no_privacy(tmp_path: Path) -> None:
     four = _train_result(tmp_path, "four", training={"noise_multiplicity": 4})
     assert four.steps == one.steps and four.epsilon == one.epsilon and four.epsilon > 0
     assert any(not np.array_equal(four.arrays[k], one.arrays[k]) for k in one.arrays)
+
+
+# training.trainable: a frozen subset. The efficient subset plus the bias alone of some convolutions,
+# so that a layer with a frozen weight and a trained bias is covered too.
+FROZEN_SPEC = (*EFFICIENT_PATTERNS, "*.conv2.conv.bias")
+
+
+def _frozen_model() -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+    model = _model()
+    with torch.no_grad():  # MONAI zero-initialises some convolutions, and with them gradients upstream: not here
+        g = torch.Generator().manual_seed(5)
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    freeze_outside(model, FROZEN_SPEC)
+    frozen = {name: p.detach().clone() for name, p in model.named_parameters() if not p.requires_grad}
+    assert frozen and len(frozen) < len(list(model.parameters()))
+    return model, frozen
+
+
+@pytest.mark.parametrize("deferred", [False, True], ids=["kept-rows", "deferred-layers"])
+def test_frozen_subset_clipped_sum_matches_a_per_example_loop(deferred: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Norms, clipping and the sum over the trainable parameters only; the frozen ones get no gradient, no update."""
+    monkeypatch.setattr(grad_sample, "defer", lambda *sizes: deferred)
+    model, frozen = _frozen_model()
+    batch = _batch()
+    _, norms = _per_example_reference(model, batch, max_grad_norm=1e9)  # over the trainable parameters
+    clip = float(np.median(norms))
+    assert sum(n > clip for n in norms) >= 2  # some examples clipped, some not
+    reference, _ = _per_example_reference(model, batch, clip)
+    expected = 4
+    step = DPSGDStep(model, torch.optim.SGD(model.parameters(), lr=1.0), noise_multiplier=0.0, max_grad_norm=clip,
+                     expected_batch_size=expected)
+    step.step(lambda: _losses(model, batch))
+    got = {name: p.grad.detach() * expected for name, p in model.named_parameters() if p.requires_grad}
+    assert set(got) == set(reference)
+    assert _rel_error(got, reference) < 1e-4
+    for name, p in model.named_parameters():
+        if name in frozen:
+            assert p.grad is None and torch.equal(p.detach(), frozen[name]), name
+
+
+def test_frozen_subset_same_step_as_opacus_hooks() -> None:
+    """Opacus' hooks mode takes a model with frozen parameters as is: the same clipped update, noise off."""
+    batch = _batch(n=5)
+    ours, frozen = _frozen_model()
+    DPSGDStep(ours, torch.optim.SGD(ours.parameters(), lr=1.0), 0.0, 0.05, expected_batch_size=3).step(lambda: _losses(ours, batch))
+    theirs, _ = _frozen_model()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        wrapped = GradSampleModule(theirs)
+        optimizer = DPOptimizer(torch.optim.SGD(theirs.parameters(), lr=1.0), noise_multiplier=0.0, max_grad_norm=0.05,
+                                expected_batch_size=3)
+        PlainStep(optimizer).step(lambda: _losses(wrapped, batch))
+    ours_grads = {name: p.grad for name, p in ours.named_parameters() if p.requires_grad}
+    theirs_grads = {name: p.grad for name, p in theirs.named_parameters() if p.requires_grad}
+    assert _rel_error(ours_grads, theirs_grads) < 1e-5
+    assert all(p.grad is None and torch.equal(p.detach(), frozen[n]) for n, p in theirs.named_parameters() if n in frozen)
+
+
+def test_efficient_round_leaves_frozen_weights_bit_identical_and_sends_only_the_subset(tmp_path: Path) -> None:
+    cfg = config_from_dict(FedsynthConfig, tiny_federation(tmp_path / "server"), "t")
+    torch.manual_seed(0)
+    start = trainable_state(build_unet(cfg.model))  # what _train_result starts from
+    result = _train_result(tmp_path, "eff", training={"trainable": "efficient"})
+    assert result.trained and set(result.trained) < set(start)
+    assert set(result.arrays) == set(start)  # the whole model: the validation loss loads it
+    for name in start:
+        if name in result.trained:
+            continue
+        assert np.array_equal(result.arrays[name], start[name]), name
+    assert any(not np.array_equal(result.arrays[n], start[n]) for n in result.trained)
+    content = train_reply_content(result, "a", "float32")
+    assert set(content["arrays"].keys()) == set(result.trained)
+    full = train_reply_content(dataclasses.replace(result, trained=()), "a", "float32")
+    assert set(full["arrays"].keys()) == set(start)
+    print(f"\ntiny model reply: {content['arrays'].count_bytes():,} bytes efficient, "
+          f"{full['arrays'].count_bytes():,} bytes all")
+
+
+@pytest.mark.parametrize("mode", ["hooks", "functorch"])
+def test_efficient_round_matches_opacus_step_for_step(tmp_path: Path, mode: str) -> None:
+    ours = _train_result(tmp_path, "ours", training={"trainable": "efficient"}, privacy={"grad_sample_mode": "fedsynth"})
+    theirs = _train_result(tmp_path, "theirs", training={"trainable": "efficient"}, privacy={"grad_sample_mode": mode})
+    assert ours.trained == theirs.trained
+    assert max(float(np.abs(ours.arrays[k] - theirs.arrays[k]).max()) for k in ours.arrays) < 1e-6

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -161,6 +162,38 @@ def test_one_message_per_round_carries_the_validation_loss(tmp_path: Path) -> No
         sites_rnd = [per_site[(rnd, s)] for s in ("site-a", "site-b")]
         weighted = sum(r["val-loss"] * r["val-num-examples"] for r in sites_rnd) / sum(r["val-num-examples"] for r in sites_rnd)
         assert agg["val-loss"] == pytest.approx(weighted)
+
+
+def test_efficient_fine_tuning_sends_only_the_subset_and_keeps_the_frozen_weights(tmp_path: Path) -> None:
+    """training.trainable efficient, one round: each train reply carries only the trained arrays (its byte count
+    says so) and the round checkpoint holds every frozen array exactly as the server started it."""
+    from common.model import build_unet, trainable_state
+    from common.trainable import trainable_names
+
+    sites = [write_site(tmp_path / "sites", "site-a", write_shapes_dataset(tmp_path / "data-a", per_class=8, seed=1)),
+             write_site(tmp_path / "sites", "site-b", write_shapes_dataset(tmp_path / "data-b", per_class=6, seed=2))]
+    fed_path = tmp_path / "federation.yaml"
+    fed_path.write_text(yaml.safe_dump(tiny_federation(tmp_path / "server", federation={"num_rounds": 1},
+                                                       training={"trainable": "efficient"})))
+    cfg = load_federation_config(fed_path)
+    result = run_simulation(cfg, fed_path, sites, tmp_path / "work", progress=False)
+    assert result.status == "finished:completed" and result.rounds_completed == 1
+
+    torch.manual_seed(cfg.training.seed)  # the server's fresh start (server/server_app.py)
+    initial = trainable_state(build_unet(cfg.model))
+    trained = set(trainable_names(cfg))
+    trained_values = sum(initial[k].size for k in trained)
+    all_values = sum(v.size for v in initial.values())
+    for site_id in ("site-a", "site-b"):
+        (train,) = [r for r in read_audit(tmp_path / "sites" / site_id / "state") if r["message_type"] == "train"]
+        assert train["outcome"] == "ok"
+        # float32 trained arrays plus names, shapes and metrics; far from the whole model's 4 bytes a value.
+        assert 4 * trained_values < train["bytes_sent"] < 4 * trained_values + 40_000 < 4 * all_values
+    (_, path), = list_round_checkpoints(cfg.federation.checkpoint_dir)
+    round_1 = load_checkpoint(path)
+    assert set(round_1.arrays) == set(initial)
+    assert all(np.array_equal(round_1.arrays[k], initial[k]) for k in initial if k not in trained)
+    assert any(not np.array_equal(round_1.arrays[k], initial[k]) for k in trained)
 
 
 def test_missing_run_config_is_a_clear_error(tmp_path: Path) -> None:

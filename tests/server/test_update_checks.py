@@ -122,3 +122,51 @@ def test_evaluate_phase_runs_every_n_federation_rounds(tmp_path: Path, every: in
     assert [r for r in range(1, 5) if strategy.evaluates_in(rounds_done + r)] == evaluated
     if not evaluated:
         assert list(strategy.configure_evaluate(1, ArrayRecord(), ConfigRecord(), grid=None)) == []  # type: ignore[arg-type]
+
+
+def test_efficient_replies_carry_the_subset_and_frozen_arrays_stay_the_global_ones(tmp_path: Path) -> None:
+    """training.trainable efficient: a reply with exactly the trained arrays is valid, one more or one fewer is
+    rejected naming the setting; the aggregate and its checkpoint hold the frozen arrays exactly as they were."""
+    from common.checkpoint import load_checkpoint
+    from common.model import build_unet, trainable_state
+    from common.trainable import trainable_names
+
+    raw = tiny_federation(tmp_path / "server", training={"trainable": "efficient"}, federation={"quorum": 2})
+    cfg = config_from_dict(FedsynthConfig, raw, "test")
+    strategy = CheckpointingFedAvg(cfg)
+    rng = np.random.default_rng(0)
+    strategy._global = {k: v + rng.normal(0, 0.1, v.shape).astype(np.float32)
+                        for k, v in trainable_state(build_unet(cfg.model)).items()}
+    trained = trainable_names(cfg)
+    frozen = sorted(set(strategy._global) - set(trained))
+
+    def update(shift: float) -> dict:
+        return {k: strategy._global[k] + np.float32(shift) for k in trained}
+
+    extra = {**update(0.2), frozen[0]: strategy._global[frozen[0]]}
+    missing = {k: v for k, v in update(0.2).items() if k != trained[0]}
+    # Weights 10 and 21: a float32 mean of equal values then differs from them in about 10% of coordinates.
+    replies = [_reply(1, "a", update(0.1), 10), _reply(2, "b", update(0.3), 21), _reply(3, "extra", extra),
+               _reply(4, "missing", missing)]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    rows = [json.loads(line) for line in cfg.federation.metrics_file.read_text().splitlines()]
+    reasons = {r["site_id"]: r["reason"] for r in rows if r["kind"] == "rejected"}
+    assert reasons == {
+        "extra": f"1 unexpected array(s), e.g. {frozen[0]} (training.trainable 'efficient': a reply carries exactly {len(trained)} arrays)",
+        "missing": f"1 array(s) missing, e.g. {trained[0]} (training.trainable 'efficient': a reply carries exactly {len(trained)} arrays)",
+    }
+    assert set(arrays.keys()) == set(strategy._global)
+    for name in frozen:
+        assert np.array_equal(arrays[name].numpy(), strategy._global[name]), name
+    for name in trained:
+        assert np.allclose(arrays[name].numpy(), strategy._global[name] + (0.1 * 10 + 0.3 * 21) / 31, atol=1e-6), name
+    saved = load_checkpoint(tmp_path / "server" / "checkpoints" / "round-0001.pt")
+    assert all(np.array_equal(saved.arrays[n], strategy._global[n]) for n in frozen)
+
+
+def test_a_pattern_matching_no_parameter_stops_the_server_before_any_round(tmp_path: Path) -> None:
+    from common.errors import ConfigError
+
+    raw = tiny_federation(tmp_path / "server", training={"trainable": ["out.*", "decoder.*"]})
+    with pytest.raises(ConfigError, match="training.trainable: pattern 'decoder.\\*' matches no parameter"):
+        CheckpointingFedAvg(config_from_dict(FedsynthConfig, raw, "test"))
