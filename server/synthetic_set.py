@@ -25,7 +25,7 @@ from common.fileio import write_bytes_atomic, write_json_atomic
 from common.images import to_uint8, write_png
 from common.model import pick_device
 from common.nifti import write_nifti_slice
-from server.sampler import build_sampling_model, sample_images
+from server.sampler import build_sampling_model, sample_images, sampling_weights
 
 MANIFEST = "manifest.json"
 CONTACT_SHEET = "contact_sheet.png"
@@ -42,6 +42,8 @@ class SampleRequest:
     seed: int = 0
     batch_size: int = 32
     overwrite: bool = False
+    weights: str | None = None
+    """"ema" or "global"; None: the EMA when the checkpoint has one, else the global weights."""
 
 
 def plan_labels(all_classes: Sequence[str], wanted: Sequence[str], num: int) -> list[int]:
@@ -83,7 +85,8 @@ def generate_synthetic_set(req: SampleRequest, progress: bool = True) -> dict:
     cfg = ckpt.config
     labels = plan_labels(cfg.model.classes, req.classes, req.num)
     seeds = [req.seed + i for i in range(req.num)]
-    model = build_sampling_model(cfg, ckpt.arrays, pick_device())
+    arrays, weights = sampling_weights(ckpt, req.weights, str(req.checkpoint))
+    model = build_sampling_model(cfg, arrays, pick_device())
     started = time.time()
     images = sample_images(cfg, model, labels, seeds, req.steps, req.guidance, req.batch_size, progress)
     seconds = time.time() - started
@@ -104,6 +107,8 @@ def generate_synthetic_set(req: SampleRequest, progress: bool = True) -> dict:
         "checkpoint": str(Path(req.checkpoint).resolve()),
         "checkpoint_sha256": file_sha256(req.checkpoint),
         "rounds_completed": ckpt.rounds_completed,
+        "weights": weights,
+        "ema_decay": ckpt.ema.decay if weights == "ema" and ckpt.ema is not None else None,
         "classes": list(cfg.model.classes),
         "image_size": cfg.data.image_size,
         "pixel_spacing_mm": cfg.data.pixel_spacing_mm,
