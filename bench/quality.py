@@ -39,11 +39,13 @@ from quality_data import load_slices  # noqa: E402
 from quality_jobs import BenchmarkInputs, init_worker, score_sweep_point, train_and_score  # noqa: E402
 from quality_split import describe, site_slices, split_hospitals  # noqa: E402
 from quality_table import markdown_table, print_table  # noqa: E402
-from quality_train import ModelPreset  # noqa: E402
+from quality_train import ModelPreset, federation_config  # noqa: E402
 from client.site_data import SiteSlices  # noqa: E402
 from server.evaluation.classifier import ClassifierSettings, load_or_train  # noqa: E402
 from server.evaluation.evaluate import EvaluationSettings  # noqa: E402
 from server.evaluation.image_sets import ImageSet  # noqa: E402
+from common.config import SERVER_OPTIMIZERS  # noqa: E402
+from common.errors import ConfigError  # noqa: E402
 from common.fileio import write_bytes_atomic, write_json_atomic  # noqa: E402
 
 PRESETS = {
@@ -100,6 +102,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
                    help="jobs (a model's training, or a sweep point) run side by side; results do not depend on it")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--server-optimizer", choices=SERVER_OPTIMIZERS, default="fedavg",
+                   help="federated runs: the ServerApp's server optimiser (federation.server_optimizer)")
+    p.add_argument("--ema-decay", type=float, default=0.0,
+                   help="federated runs: EMA of the global weights over rounds, sampled instead of them (0 = off)")
+    p.add_argument("--server-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="a federation option of the server optimiser, e.g. eta=0.01 (repeatable)")
     return p.parse_args(argv)
 
 
@@ -169,6 +177,17 @@ def main(argv: list[str] | None = None) -> int:
     sweep_samples = args.sweep_samples or preset["sweep_samples"]
     reduced = (model != preset["model"] or samples != preset["samples"] or sweep_samples != preset["sweep_samples"]
                or set(args.runs) != set(RUNS))
+    try:  # the server's recipe is a choice of the run, not a reduction of the preset
+        bad = [o for o in args.server_option if "=" not in o]
+        if bad:
+            raise ValueError(f"expected KEY=VALUE, got {bad[0]!r}")
+        options = tuple((k, float(v)) for k, v in (o.split("=", 1) for o in args.server_option))
+        model = dataclasses.replace(model, server_optimizer=args.server_optimizer, ema_decay=args.ema_decay,
+                                    server_options=options)
+        federation_config(model, ("a",), args.out, 1, dp=False)  # the federation config's own checks, now
+    except (ValueError, ConfigError) as err:
+        print(f"quality benchmark: --server-optimizer/--ema-decay/--server-option: {err}", file=sys.stderr)
+        return 2
     run_dir = args.out / time.strftime("run-%Y%m%d-%H%M%S")  # fresh privacy ledgers every time
     started = time.time()
     result: dict = {"preset": args.preset, "reduced": reduced, "model": dataclasses.asdict(model), "samples": samples,

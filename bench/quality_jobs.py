@@ -108,7 +108,7 @@ def train_and_score(name: str, samples: int, steps: int, guidance: float) -> tup
     report = _score(name, synthetic, full_report=True)
     _say(f"{name}: scored (FID {report['fidelity']['fid']:.2f})")
     entry = {"train_seconds": round(outcome.seconds, 1), "sample_seconds": round(sample_s, 1),
-             "optimiser_steps": outcome.steps, "epsilon": outcome.epsilon, "noise_multiplier": outcome.noise_multiplier,
+             "optimiser_steps": outcome.steps, "weights": outcome.weights, "epsilon": outcome.epsilon, "noise_multiplier": outcome.noise_multiplier,
              "loss_per_round": outcome.losses, "summary": summarise(report), "report": report}
     return entry, outcome.arrays
 

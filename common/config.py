@@ -44,6 +44,10 @@ MIXED_PRECISION = ("auto", "off", "bf16")
 MAX_NOISE_MULTIPLICITY = 64
 # dtype of the weights a site sends back; the server averages in float32 whatever arrives.
 TRANSFER_DTYPES = ("float32", "float16")
+# How the server turns the sites' weighted average into the next global weights: Flower's
+# strategies of the same names (flwr.serverapp.strategy); fedavg takes the average as it is.
+SERVER_OPTIMIZERS = ("fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad")
+_FEDOPT = ("fedadam", "fedyogi", "fedadagrad")  # Flower's FedOpt family: eta, tau (and beta_1/beta_2)
 
 
 class _Invalid(Exception):
@@ -213,8 +217,21 @@ class FederationConfig:
     # 0 = never. Each train reply already carries the validation loss of the site's trained model,
     # and each phase costs every site a message (in deployment a fresh ClientApp process).
     evaluate_every: int = 0
+    # Server optimiser and its options, named after the arguments of Flower's classes. Each option
+    # defaults to Flower's default; setting one the chosen optimiser does not take is an error.
+    server_optimizer: str = "fedavg"
+    server_learning_rate: float = 1.0  # fedavgm
+    server_momentum: float = 0.0  # fedavgm
+    eta: float = 0.0  # fedadam, fedyogi, fedadagrad: server learning rate; 0 = Flower's default (0.1; fedyogi 0.01)
+    beta_1: float = 0.9  # fedadam, fedyogi
+    beta_2: float = 0.99  # fedadam, fedyogi
+    tau: float = 1e-3  # fedadam, fedyogi, fedadagrad
+    # Exponential moving average of the global weights over rounds (bias-corrected), kept in every
+    # checkpoint and sampled from by default; sites always train from the raw global weights. 0 = off.
+    ema_decay: float = 0.0
 
     def __post_init__(self) -> None:
+        self._check_server_optimizer()
         require(self.transfer_dtype in TRANSFER_DTYPES, "transfer_dtype",
                  f"must be one of {list(TRANSFER_DTYPES)}, got {self.transfer_dtype!r}")
         require(bool(self.output_dir), "output_dir", "must be set")
@@ -229,6 +246,25 @@ class FederationConfig:
         require(self.node_wait_timeout_s > 0, "node_wait_timeout_s", f"must be > 0, got {self.node_wait_timeout_s}")
         require(self.max_update_norm >= 0, "max_update_norm", f"must be >= 0, got {self.max_update_norm}")
         require(self.evaluate_every >= 0, "evaluate_every", f"must be >= 0 (0 = never), got {self.evaluate_every}")
+
+    def _check_server_optimizer(self) -> None:
+        opt = self.server_optimizer
+        require(opt in SERVER_OPTIMIZERS, "server_optimizer", f"must be one of {list(SERVER_OPTIMIZERS)}, got {opt!r}")
+        require(self.server_learning_rate > 0, "server_learning_rate", f"must be > 0, got {self.server_learning_rate}")
+        require(0 <= self.server_momentum < 1, "server_momentum", f"must be in [0, 1), got {self.server_momentum}")
+        require(self.eta >= 0, "eta", f"must be >= 0 (0 = Flower's default), got {self.eta}")
+        require(0 <= self.beta_1 < 1, "beta_1", f"must be in [0, 1), got {self.beta_1}")
+        require(0 <= self.beta_2 < 1, "beta_2", f"must be in [0, 1), got {self.beta_2}")
+        require(self.tau > 0, "tau", f"must be > 0, got {self.tau}")
+        require(0 <= self.ema_decay < 1, "ema_decay", f"must be in [0, 1) (0 = off), got {self.ema_decay}")
+        # A setting the chosen optimiser ignores would change nothing while looking as if it did.
+        takes = {"server_learning_rate": ("fedavgm",), "server_momentum": ("fedavgm",), "eta": _FEDOPT,
+                 "beta_1": ("fedadam", "fedyogi"), "beta_2": ("fedadam", "fedyogi"), "tau": _FEDOPT}
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        for key, optimizers in takes.items():
+            require(opt in optimizers or getattr(self, key) == defaults[key], key,
+                    f"is an option of server_optimizer {' or '.join(optimizers)}, not of {opt!r}; "
+                    f"remove it or set it to its default {defaults[key]}")
 
     @property
     def checkpoint_dir(self) -> Path:

@@ -46,9 +46,10 @@ def _sample(args: argparse.Namespace) -> int:
 
     req = SampleRequest(checkpoint=Path(args.checkpoint), num=args.num, out=Path(args.out), classes=tuple(args.class_ or ()),
                         steps=args.steps, guidance=args.guidance, seed=args.seed, batch_size=args.batch_size,
-                        overwrite=args.overwrite)
+                        overwrite=args.overwrite, weights=args.weights)
     manifest = generate_synthetic_set(req)
-    print(f"{len(manifest['images'])} images written to {args.out} (manifest.json, contact_sheet.png, model_card.md)")
+    print(f"{len(manifest['images'])} images from the {manifest['weights']} weights written to {args.out} "
+          "(manifest.json, contact_sheet.png, model_card.md)")
     return 0
 
 
@@ -81,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--batch-size", type=int, default=32)
     sample.add_argument("--out", required=True)
     sample.add_argument("--overwrite", action="store_true", help="replace an existing synthetic set in --out")
+    sample.add_argument("--weights", choices=("ema", "global"), default=None,
+                        help="sample the EMA of the global weights (the default when the checkpoint has one) "
+                             "or the last round's global weights")
     sample.set_defaults(func=_sample)
 
     register_site_commands(sub)

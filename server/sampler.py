@@ -17,8 +17,27 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from common.checkpoint import Checkpoint
 from common.config import FedsynthConfig
+from common.errors import ConfigError
 from common.model import build_ddim_sampler, build_unet, load_trainable_state
+
+# Which weights of a checkpoint to sample: the EMA over rounds, or the last round's global weights.
+WEIGHTS = ("ema", "global")
+
+
+def sampling_weights(ckpt: Checkpoint, choice: str | None = None, source: str = "the checkpoint") -> tuple[dict[str, np.ndarray], str]:
+    """The weights to sample and their name: ``choice``, or by default the EMA when ``ckpt`` has one."""
+    if choice is None:
+        choice = "ema" if ckpt.ema is not None else "global"
+    if choice not in WEIGHTS:
+        raise ConfigError(f"--weights must be one of {list(WEIGHTS)}, got {choice!r}")
+    if choice == "global":
+        return ckpt.arrays, choice
+    if ckpt.ema is None:
+        raise ConfigError(f"--weights ema: {source} holds no EMA weights (it was trained with federation.ema_decay 0); "
+                          "use --weights global")
+    return ckpt.ema.weights, choice
 
 
 def build_sampling_model(cfg: FedsynthConfig, arrays: dict[str, np.ndarray], device: torch.device) -> torch.nn.Module:

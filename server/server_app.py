@@ -1,4 +1,4 @@
-"""The coordinator's Flower ``ServerApp``: load the config, resume or initialise, run FedAvg, save."""
+"""The coordinator's Flower ``ServerApp``: load the config, resume or initialise, run the strategy, save."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from server.audit_app import run_audit_app
 from server.init_weights import INIT, init_record, load_init_checkpoint, resumed_init_record
 from server.model_card import write_model_card
 from server.prompt_grid import prompt
-from server.strategy import CheckpointingFedAvg, arrays_to_numpy
+from server.strategy import arrays_to_numpy, build_strategy
 
 log = logging.getLogger("fedsynth.server")
 app = ServerApp()
@@ -42,10 +42,12 @@ class StartingPoint(NamedTuple):
     sites: dict[str, dict[str, float]]
     provenance: dict[str, Any]
     """What every checkpoint of the run carries: ``{"init": ...}`` (server/init_weights.py)."""
+    resumed: Checkpoint | None = None
+    """The checkpoint resumed from (its server optimiser and EMA state continue); None when fresh."""
 
 
 def _starting_point(cfg: FedsynthConfig, config_source: str = "the federation config") -> StartingPoint:
-    """Initial weights, rounds already done, per-site state and provenance: fresh, or from the last checkpoint.
+    """Initial weights, rounds already done, per-site state, provenance and the resumed checkpoint: fresh, or from the last checkpoint.
 
     A fresh run starts from ``model.init_checkpoint`` when set (checked to fit the model),
     otherwise from the seeded random init; a resumed one checks the init file is unchanged.
@@ -54,7 +56,7 @@ def _starting_point(cfg: FedsynthConfig, config_source: str = "the federation co
     if ckpt is not None:
         provenance = {INIT: resumed_init_record(cfg, ckpt, config_source)}
         log.info("resuming after round %d from %s", ckpt.rounds_completed, cfg.federation.checkpoint_dir)
-        return StartingPoint(ckpt.arrays, ckpt.rounds_completed, ckpt.sites, provenance)
+        return StartingPoint(ckpt.arrays, ckpt.rounds_completed, ckpt.sites, provenance, ckpt)
     if cfg.model.init_checkpoint:
         init = load_init_checkpoint(cfg, config_source)
         log.info("starting from model.init_checkpoint %s", cfg.model.init_checkpoint)
@@ -69,11 +71,14 @@ def main(grid: Grid, context: Context) -> None:
     if str(context.run_config.get(audit_protocol.RUN_MODE, audit_protocol.MODE_TRAIN)) == audit_protocol.MODE_AUDIT:
         run_audit_app(grid, context, cfg)  # a memorisation audit of a synthetic set instead of training
         return
-    arrays, rounds_done, sites, provenance = _starting_point(
+    arrays, rounds_done, sites, provenance, resumed = _starting_point(
         cfg, str(context.run_config.get(keys.RUN_CONFIG_PATH, "")) or "the federation config")
+    # The server optimiser's state and the EMA continue from the checkpoint (checked to match the config).
+    optimizer, ema = (resumed.optimizer, resumed.ema) if resumed is not None else (None, None)
     remaining = cfg.federation.num_rounds - rounds_done
     if remaining > 0:
-        strategy = CheckpointingFedAvg(cfg, rounds_done=rounds_done, sites=sites, provenance=provenance)
+        strategy = build_strategy(cfg, rounds_done=rounds_done, sites=sites, optimizer=optimizer, ema=ema,
+                                  provenance=provenance)
         message_config = ConfigRecord({keys.FEDERATION_CONFIG: config_to_json(cfg)})
         result = strategy.start(
             grid=prompt(grid),
@@ -84,10 +89,11 @@ def main(grid: Grid, context: Context) -> None:
             evaluate_config=message_config,
         )
         arrays, sites = arrays_to_numpy(result.arrays), strategy.sites
+        optimizer, ema = strategy.optimizer_state(), strategy.ema
     final = latest_checkpoint(cfg.federation.checkpoint_dir)
     done = final.rounds_completed if final else 0
     final_path = cfg.federation.final_model_path
-    final_ckpt = Checkpoint(cfg, arrays, done, sites, provenance=provenance)
+    final_ckpt = Checkpoint(cfg, arrays, done, sites, provenance=provenance, optimizer=optimizer, ema=ema)
     save_checkpoint(final_path, final_ckpt)
     write_model_card(Path(final_path).parent / "model_card.md", final_ckpt, final_path)
     log.info("final model (%d rounds) saved to %s, its model card next to it", done, final_path)

@@ -27,7 +27,7 @@ from common.images import to_uint8, write_png
 from common.model import pick_device
 from common.nifti import write_nifti_slice
 from server.model_card import MODEL_CARD, write_model_card
-from server.sampler import build_sampling_model, sample_images
+from server.sampler import build_sampling_model, sample_images, sampling_weights
 
 MANIFEST = "manifest.json"
 CONTACT_SHEET = "contact_sheet.png"
@@ -44,6 +44,8 @@ class SampleRequest:
     seed: int = 0
     batch_size: int = 32
     overwrite: bool = False
+    weights: str | None = None
+    """"ema" or "global"; None: the EMA when the checkpoint has one, else the global weights."""
 
 
 def plan_labels(all_classes: Sequence[str], wanted: Sequence[str], num: int) -> list[int]:
@@ -98,7 +100,8 @@ def generate_synthetic_set(req: SampleRequest, progress: bool = True) -> dict:
     cfg = ckpt.config
     labels = plan_labels(cfg.model.classes, req.classes, req.num)
     seeds = [req.seed + i for i in range(req.num)]
-    model = build_sampling_model(cfg, ckpt.arrays, pick_device())
+    arrays, weights = sampling_weights(ckpt, req.weights, str(req.checkpoint))
+    model = build_sampling_model(cfg, arrays, pick_device())
     started = time.time()
     images = sample_images(cfg, model, labels, seeds, req.steps, req.guidance, req.batch_size, progress)
     seconds = time.time() - started
@@ -121,6 +124,8 @@ def generate_synthetic_set(req: SampleRequest, progress: bool = True) -> dict:
         "rounds_completed": ckpt.rounds_completed,
         "init": init_summary(ckpt.provenance),
         "model_card": MODEL_CARD,
+        "weights": weights,
+        "ema_decay": ckpt.ema.decay if weights == "ema" and ckpt.ema is not None else None,
         "classes": list(cfg.model.classes),
         "image_size": cfg.data.image_size,
         "pixel_spacing_mm": cfg.data.pixel_spacing_mm,

@@ -196,6 +196,53 @@ def test_efficient_fine_tuning_sends_only_the_subset_and_keeps_the_frozen_weight
     assert any(not np.array_equal(round_1.arrays[k], initial[k]) for k in trained)
 
 
+def test_fedadam_and_ema_checkpointed_then_resumed(tmp_path: Path) -> None:
+    """Flower's FedAdam and the EMA in a real run: both in every checkpoint, both continued by a resume,
+    and the sampler takes the EMA weights unless told otherwise."""
+    import numpy as np
+
+    from server.synthetic_set import SampleRequest, generate_synthetic_set
+
+    sites = [write_site(tmp_path / "sites", "site-a", write_shapes_dataset(tmp_path / "data-a", per_class=8, seed=1)),
+             write_site(tmp_path / "sites", "site-b", write_shapes_dataset(tmp_path / "data-b", per_class=6, seed=2))]
+    server = {"server_optimizer": "fedadam", "eta": 0.01, "ema_decay": 0.9}
+    fed_path = tmp_path / "federation.yaml"
+    fed_path.write_text(yaml.safe_dump(tiny_federation(tmp_path / "server", federation=server)))
+    cfg = load_federation_config(fed_path)
+    assert run_simulation(cfg, fed_path, sites, tmp_path / "work", progress=False).rounds_completed == 2
+
+    fed_path.write_text(yaml.safe_dump(tiny_federation(tmp_path / "server", federation={**server, "num_rounds": 3, "resume": True})))
+    cfg3 = load_federation_config(fed_path)
+    assert run_simulation(cfg3, fed_path, sites, tmp_path / "work-resume", progress=False).rounds_completed == 3
+
+    two, three = (load_checkpoint(p) for r, p in list_round_checkpoints(cfg.federation.checkpoint_dir) if r in (2, 3))
+    assert set(two.optimizer.slots) == set(three.optimizer.slots) == {"current_arrays", "m_t", "v_t"}
+    assert (two.ema.steps, three.ema.steps) == (2, 3)
+    for k, w2 in two.arrays.items():
+        # Round 3 started from round 2's weights and moments: FedOpt's arrays are what was sent...
+        assert np.array_equal(three.optimizer.slots["current_arrays"][k], w2)
+        # ...its moments continue round 2's (m_3 = b1 m_2 + (1 - b1) d_3, v_3 = b2 v_2 + (1 - b2) d_3^2)...
+        m2, v2, m3, v3 = (s.optimizer.slots[n][k].astype(np.float64) for s in (two, three) for n in ("m_t", "v_t"))
+        d3 = (m3 - 0.9 * m2) / 0.1
+        assert np.allclose(v3, 0.99 * v2 + 0.01 * d3 ** 2, rtol=1e-3, atol=1e-12)
+        # ...with Flower's bias correction at the federation's round 3, not the resumed run's round 1
+        eta_norm = 0.01 * np.sqrt(1 - 0.99 ** 4) / (1 - 0.9 ** 4)
+        assert np.allclose(three.arrays[k], w2 + eta_norm * m3 / (np.sqrt(v3) + 1e-3), rtol=1e-4, atol=1e-6)
+        # and the EMA went on from its saved accumulator.
+        acc3 = 0.9 * two.ema.accumulator[k].astype(np.float64) + (1 - 0.9) * three.arrays[k].astype(np.float64)
+        assert np.array_equal(three.ema.accumulator[k], acc3.astype(np.float32))
+    final = load_checkpoint(cfg3.federation.final_model_path)
+    assert final.ema.steps == 3 and all(np.array_equal(final.ema.weights[k], three.ema.weights[k]) for k in final.arrays)
+    assert all(np.array_equal(final.optimizer.slots["m_t"][k], three.optimizer.slots["m_t"][k]) for k in final.arrays)
+
+    request = {"checkpoint": cfg3.federation.final_model_path, "num": 2, "steps": 2, "seed": 3}
+    by_default = generate_synthetic_set(SampleRequest(out=tmp_path / "ema", **request), progress=False)
+    from_global = generate_synthetic_set(SampleRequest(out=tmp_path / "global", weights="global", **request), progress=False)
+    assert (by_default["weights"], by_default["ema_decay"], from_global["weights"]) == ("ema", 0.9, "global")
+    first = by_default["images"][0]["file"]
+    assert (tmp_path / "ema" / first).read_bytes() != (tmp_path / "global" / first).read_bytes()
+
+
 def test_missing_run_config_is_a_clear_error(tmp_path: Path) -> None:
     from server.server_app import _load_config
 
