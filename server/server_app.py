@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -79,7 +80,9 @@ def main(grid: Grid, context: Context) -> None:
     if remaining > 0:
         strategy = build_strategy(cfg, rounds_done=rounds_done, sites=sites, optimizer=optimizer, ema=ema,
                                   provenance=provenance)
-        message_config = ConfigRecord({keys.FEDERATION_CONFIG: config_to_json(cfg)})
+        # Sites receive the weights, not where the coordinator keeps the file they started from.
+        site_cfg = dataclasses.replace(cfg, model=cfg.model.architecture())
+        message_config = ConfigRecord({keys.FEDERATION_CONFIG: config_to_json(site_cfg)})
         result = strategy.start(
             grid=prompt(grid),
             initial_arrays=ArrayRecord(array_dict={k: Array(v) for k, v in arrays.items()}),
