@@ -57,8 +57,8 @@ RECIPE = dict(warmup_steps=20, keep_optimizer_state=True, noise_multiplicity=2, 
 PRESETS = {
     # 2 shared CPU cores, 2 workers, about 45 minutes for pretraining, 9 rows and their scoring
     # (sized from measured step times, docs/benchmarks.md): the README's "tiny" UNet at 32 px
-    "cpu": dict(model=ModelPreset(image_size=32, channels=(16, 32, 32), rounds=15, local_steps=10, batch_size=32,
-                                  learning_rate=1e-3, central_ema_decay=0.99, pretrain_steps=1500, **RECIPE),
+    "cpu": dict(model=ModelPreset(image_size=32, channels=(16, 32, 32), rounds=10, local_steps=10, batch_size=32,
+                                  learning_rate=1e-3, central_ema_decay=0.99, pretrain_steps=1000, **RECIPE),
                 samples=400, sweep_samples=200, classifier_steps=400),
     # the same with 4x the steps (well over an hour on 2 CPU cores)
     "cpu-long": dict(model=ModelPreset(image_size=32, channels=(16, 32, 32), rounds=60, local_steps=10, batch_size=32,
