@@ -1,14 +1,15 @@
-"""Quality benchmark: central vs federated vs federated+DP diffusion models on real brain MRI.
+"""Quality benchmark: central vs federated vs federated+DP (from scratch and from public pretraining) on real brain MRI.
 
     python bench/quality.py --preset cpu --out runs/quality-cpu
     python bench/quality.py --preset gpu --out runs/quality-gpu
 
-Splits ``../shared/data/brain-tumor-mri/train`` into 4 non-IID hospitals and a validation
-set (bench/quality_split.py), trains (a) centrally without DP, (b) federated without DP and
-(c) federated with DP at epsilon 8 per site, each with the same number of optimiser steps
-(bench/quality_train.py), samples each, scores each with ``fedsynth evaluate``'s code
-against the validation set, then sweeps guidance and DDIM steps on one model. Prints one
-table and writes ``quality.json`` and ``quality.md`` (and a full report per model) to --out.
+Splits ``../shared/data/brain-tumor-mri/train`` into a public set, 4 non-IID hospitals and a
+validation set (bench/quality_split.py), pretrains once on the public set, then trains every row
+of bench/quality_runs.py (central, federated, federated + DP from scratch and from pretraining,
+and the ablations of the DP recipe), each with the same number of optimiser steps
+(bench/quality_train.py), samples each, scores each with ``fedsynth evaluate``'s code against
+the validation set, and optionally sweeps guidance and DDIM steps on one model. Prints the tables
+and writes ``quality.json`` and ``quality.md`` (and a full report per model) to --out.
 Measurements only: nothing here asserts a speed or a score.
 """
 
@@ -36,10 +37,11 @@ DATA_ROOT = ROOT.parent / "shared" / "data"
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]  # runs from a clone without `pip install -e .` too
 
 from quality_data import load_slices  # noqa: E402
-from quality_jobs import BenchmarkInputs, init_worker, score_sweep_point, train_and_score  # noqa: E402
+from quality_jobs import BenchmarkInputs, init_worker, score_sweep_point, score_weights, train_and_score  # noqa: E402
+from quality_runs import BY_NAME, RUNS, with_dependencies  # noqa: E402
 from quality_split import describe, site_slices, split_hospitals  # noqa: E402
 from quality_table import markdown_table, print_table  # noqa: E402
-from quality_train import ModelPreset, federation_config  # noqa: E402
+from quality_train import ModelPreset, federation_config, plan_dp  # noqa: E402
 from client.site_data import SiteSlices  # noqa: E402
 from server.evaluation.classifier import ClassifierSettings, load_or_train  # noqa: E402
 from server.evaluation.evaluate import EvaluationSettings  # noqa: E402
@@ -48,18 +50,27 @@ from common.config import SERVER_OPTIMIZERS  # noqa: E402
 from common.errors import ConfigError  # noqa: E402
 from common.fileio import write_bytes_atomic, write_json_atomic  # noqa: E402
 
+# The recipe every preset shares (issue 11): EMA of the global weights over rounds (per step for central
+# rows and pretraining), AdamW kept across rounds at each site, a short warm-up, K = 2 noise draws per
+# DP patient, the DP planner's batch (from 16, 32, 64) and noise multiplier.
+RECIPE = dict(warmup_steps=20, keep_optimizer_state=True, noise_multiplicity=2, ema_decay=0.8)
 PRESETS = {
-    # 2 shared CPU cores, under 45 minutes: the README's "tiny" UNet at 32 px
-    "cpu": dict(model=ModelPreset(image_size=32, channels=(16, 32, 32), rounds=15, local_steps=20, batch_size=32,
-                                  learning_rate=1e-3), samples=400, sweep_samples=200, classifier_steps=400),
-    # the same on 2 CPU cores with 4x the steps (about 40 minutes): where central TSTR first leaves chance
-    "cpu-long": dict(model=ModelPreset(image_size=32, channels=(16, 32, 32), rounds=60, local_steps=20, batch_size=32,
-                                       learning_rate=1e-3), samples=400, sweep_samples=200, classifier_steps=400),
-    # one GPU: 64 px, a 4.6M-parameter UNet, 8x the optimiser steps
+    # 2 shared CPU cores, 2 workers, about 45 minutes for pretraining, 9 rows and their scoring
+    # (sized from measured step times, docs/benchmarks.md): the README's "tiny" UNet at 32 px
+    "cpu": dict(model=ModelPreset(image_size=32, channels=(16, 32, 32), rounds=10, local_steps=10, batch_size=32,
+                                  learning_rate=1e-3, central_ema_decay=0.99, pretrain_steps=1000, **RECIPE),
+                samples=400, sweep_samples=200, classifier_steps=400),
+    # the same with 4x the steps (well over an hour on 2 CPU cores)
+    "cpu-long": dict(model=ModelPreset(image_size=32, channels=(16, 32, 32), rounds=60, local_steps=10, batch_size=32,
+                                       learning_rate=1e-3, central_ema_decay=0.995, pretrain_steps=6000,
+                                       **{**RECIPE, "ema_decay": 0.9}),
+                     samples=400, sweep_samples=200, classifier_steps=400),
+    # one GPU: 64 px, a 4.6M-parameter UNet, 16x the cpu preset's optimiser steps
     "gpu": dict(model=ModelPreset(image_size=64, channels=(64, 128, 128), rounds=40, local_steps=60, batch_size=64,
-                                  learning_rate=5e-4, head_channels=16), samples=1000, sweep_samples=400, classifier_steps=800),
+                                  learning_rate=5e-4, head_channels=16, central_ema_decay=0.999, pretrain_steps=8000,
+                                  dp_batch_sizes=(32, 64, 128, 256), **{**RECIPE, "ema_decay": 0.9}),
+                samples=1000, sweep_samples=400, classifier_steps=800),
 }
-RUNS = ("central", "federated", "federated_dp")
 GUIDANCE_SWEEP = (0.0, 1.0, 3.0, 5.0)
 STEPS_SWEEP = (10, 25, 50)
 
@@ -88,15 +99,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--data", type=Path, default=DATA_ROOT / "brain-tumor-mri" / "train")
     p.add_argument("--rounds", type=int, help="override the preset (a reduced run); say so when reporting")
     p.add_argument("--local-steps", type=int, help="override the preset (a reduced run)")
+    p.add_argument("--pretrain-steps", type=int, help="override the preset's public pretraining steps (a reduced run)")
     p.add_argument("--samples", type=int, help="override the number of images sampled per model")
     p.add_argument("--sweep-samples", type=int, help="override the number of images per sweep point")
     p.add_argument("--steps", type=int, default=50, help="DDIM steps for the main comparison")
     p.add_argument("--guidance", type=float, default=1.0, help="guidance for the main comparison")
     p.add_argument("--epsilon", type=float, default=8.0, help="per-site DP budget of run (c)")
     p.add_argument("--delta", type=float, default=1e-5)
-    p.add_argument("--runs", nargs="+", choices=RUNS, default=list(RUNS), help="which of the three models to train")
-    p.add_argument("--sweep-model", choices=RUNS, default="federated_dp")
-    p.add_argument("--no-sweep", action="store_true")
+    p.add_argument("--runs", nargs="+", choices=RUNS, default=list(RUNS),
+                   help="which rows to run (the runs they need, e.g. public_only for pretrained rows, are added)")
+    p.add_argument("--sweep-model", choices=RUNS, default=None,
+                   help="sweep guidance x DDIM steps on this row's model (off by default: it does not fit the cpu preset's time)")
+    p.add_argument("--no-sweep", action="store_true", help="no sweep even with --sweep-model")
     # 1 by default: on a shared 2-core machine 2 threads measured 3-4x SLOWER per step than 1
     p.add_argument("--threads", type=int, default=1, help="torch threads per worker")
     p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
@@ -104,47 +118,82 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--server-optimizer", choices=SERVER_OPTIMIZERS, default="fedavg",
                    help="federated runs: the ServerApp's server optimiser (federation.server_optimizer)")
-    p.add_argument("--ema-decay", type=float, default=0.0,
-                   help="federated runs: EMA of the global weights over rounds, sampled instead of them (0 = off)")
+    p.add_argument("--ema-decay", type=float, default=None,
+                   help="federated runs: EMA of the global weights over rounds, sampled instead of them "
+                        "(0 = off; default: the preset's)")
     p.add_argument("--server-option", action="append", default=[], metavar="KEY=VALUE",
                    help="a federation option of the server optimiser, e.g. eta=0.01 (repeatable)")
     return p.parse_args(argv)
 
 
-def run_jobs(inputs: BenchmarkInputs, args: argparse.Namespace, samples: int, sweep_samples: int, result: dict) -> None:
-    """Train, sample and score every model, then the sweep points, ``args.workers`` jobs at a time.
+def _priority(name: str) -> int:
+    """Pretraining first (the pretrained rows wait for it), then DP rows (the longest), then the rest."""
+    spec = BY_NAME[name]
+    return 0 if spec.kind == "pretrain" else 1 if spec.kind == "federated" and spec.dp else 2 if spec.kind == "raw" else 3
 
-    ``quality.json`` is rewritten after every job, so partial results survive a crash.
+
+def run_jobs(inputs: BenchmarkInputs, args: argparse.Namespace, samples: int, sweep_samples: int, result: dict) -> None:
+    """Train, sample and score every row, then the sweep points, ``args.workers`` jobs at a time.
+
+    A row starts once the rows it needs are done (pretrained rows after pretraining, "minus EMA"
+    after the run whose raw weights it scores). ``quality.json`` is rewritten after every job.
     """
-    order = [name for name in ("federated_dp", "central", "federated") if name in args.runs]  # longest first
-    points = [] if args.no_sweep else [(g, s) for g in GUIDANCE_SWEEP for s in STEPS_SWEEP]
+    runs = args.runs
+    points = [] if args.no_sweep or not args.sweep_model else [(g, s) for g in GUIDANCE_SWEEP for s in STEPS_SWEEP]
     if points:
         result["sweep"] = {"model": args.sweep_model, "samples": sweep_samples, "rows": []}
     context = multiprocessing.get_context("spawn")  # fork would copy the parent's torch threads and state
+    waiting = list(runs)
+    ready: list[tuple[int, str, object, tuple]] = []  # (priority, kind, key, call)
+    raw_weights: dict[str, dict] = {}
     with context.Manager() as manager, Progress(*Progress.get_default_columns(), TimeElapsedColumn()) as progress:
         messages = manager.Queue()
         pool = ProcessPoolExecutor(args.workers, mp_context=context, initializer=init_worker, initargs=(inputs, messages))
-        bar = progress.add_task(f"quality benchmark ({args.workers} workers)", total=len(order) + len(points))
-        pending: dict[Future, tuple[str, object]] = {
-            pool.submit(train_and_score, name, samples, args.steps, args.guidance): ("run", name) for name in order}
+        bar = progress.add_task(f"quality benchmark ({args.workers} workers)", total=len(runs) + len(points))
+        pending: dict[Future, tuple[str, object]] = {}
         rows: dict[tuple[float, int], dict] = {}
+
+        def release() -> None:
+            for name in list(waiting):
+                spec = BY_NAME[name]
+                if all(n in result["runs"] for n in spec.needs):
+                    waiting.remove(name)
+                    if spec.kind == "raw":
+                        call = (score_weights, name, raw_weights[spec.source], result["runs"][spec.source], samples,
+                                args.steps, args.guidance)
+                    else:
+                        call = (train_and_score, name, samples, args.steps, args.guidance)
+                    ready.append((_priority(name), "run", name, call))
+            ready.sort(key=lambda r: r[0])
+            while ready and len(pending) < args.workers:
+                _, kind, key, call = ready.pop(0)
+                pending[pool.submit(*call)] = (kind, key)
+
         try:
+            release()
             while pending:
                 done, _ = wait(pending, timeout=1.0, return_when=FIRST_COMPLETED)
                 _print_messages(messages, progress.console)
                 for future in done:
                     kind, key = pending.pop(future)
                     if kind == "run":
-                        result["runs"][key], arrays = future.result()
-                        if points and key == args.sweep_model:
-                            pending.update({pool.submit(score_sweep_point, arrays, sweep_samples, s, g): ("sweep", (g, s))
-                                            for g, s in points})
+                        value = future.result()
+                        if BY_NAME[key].kind == "raw":
+                            result["runs"][key] = value
+                        else:
+                            result["runs"][key], arrays, global_arrays = value
+                            if global_arrays is not None:
+                                raw_weights[key] = global_arrays
+                            if points and key == args.sweep_model:
+                                ready.extend((9, "sweep", (g, s), (score_sweep_point, arrays, sweep_samples, s, g))
+                                             for g, s in points)
                     else:
                         rows[key] = future.result()
                         result["sweep"]["rows"] = [rows[p] for p in points if p in rows]
                     result["runs"] = {name: result["runs"][name] for name in RUNS if name in result["runs"]}
                     write_json_atomic(args.out / "quality.json", result)
                     progress.advance(bar)
+                release()
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
             _print_messages(messages, progress.console)
@@ -163,7 +212,9 @@ def main(argv: list[str] | None = None) -> int:
     if not args.data.is_dir():
         print(f"quality benchmark: {args.data} not found (the real data lives in ../shared/data)", file=sys.stderr)
         return 2
-    if not args.no_sweep and args.sweep_model not in args.runs:
+    requested = list(args.runs)
+    args.runs = with_dependencies(args.runs)
+    if args.sweep_model and not args.no_sweep and args.sweep_model not in args.runs:
         print(f"quality benchmark: --sweep-model {args.sweep_model} is not among --runs {args.runs}", file=sys.stderr)
         return 2
     if args.workers < 1 or args.threads < 1:
@@ -172,25 +223,26 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     preset = PRESETS[args.preset]
     model: ModelPreset = dataclasses.replace(preset["model"], **{k: v for k, v in (("rounds", args.rounds),
-                                                                                    ("local_steps", args.local_steps)) if v})
+                                                                                    ("local_steps", args.local_steps),
+                                                                                    ("pretrain_steps", args.pretrain_steps)) if v})
     samples = args.samples or preset["samples"]
     sweep_samples = args.sweep_samples or preset["sweep_samples"]
     reduced = (model != preset["model"] or samples != preset["samples"] or sweep_samples != preset["sweep_samples"]
-               or set(args.runs) != set(RUNS))
+               or set(requested) != set(RUNS))
     try:  # the server's recipe is a choice of the run, not a reduction of the preset
         bad = [o for o in args.server_option if "=" not in o]
         if bad:
             raise ValueError(f"expected KEY=VALUE, got {bad[0]!r}")
         options = tuple((k, float(v)) for k, v in (o.split("=", 1) for o in args.server_option))
-        model = dataclasses.replace(model, server_optimizer=args.server_optimizer, ema_decay=args.ema_decay,
-                                    server_options=options)
+        model = dataclasses.replace(model, server_optimizer=args.server_optimizer, server_options=options,
+                                    ema_decay=model.ema_decay if args.ema_decay is None else args.ema_decay)
         federation_config(model, ("a",), args.out, 1, dp=False)  # the federation config's own checks, now
     except (ValueError, ConfigError) as err:
         print(f"quality benchmark: --server-optimizer/--ema-decay/--server-option: {err}", file=sys.stderr)
         return 2
     run_dir = args.out / time.strftime("run-%Y%m%d-%H%M%S")  # fresh privacy ledgers every time
     started = time.time()
-    result: dict = {"preset": args.preset, "reduced": reduced, "model": dataclasses.asdict(model), "samples": samples,
+    result: dict = {"preset": args.preset, "reduced": reduced, "requested_runs": requested, "model": dataclasses.asdict(model), "samples": samples,
                     "sampling": {"steps": args.steps, "guidance": args.guidance},
                     "machine": {**machine(), "workers": args.workers}, "runs": {}}
 
@@ -199,11 +251,20 @@ def main(argv: list[str] | None = None) -> int:
     result["split"] = describe(split, slices)
     result["split"]["near_duplicate_images"] = split.near_duplicate_images
     train_index = np.concatenate(list(split.hospitals.values()))
+    sites = {h: site_slices(slices, idx, split.groups) for h, idx in split.hospitals.items()}
+    plans = {}
+    if any(BY_NAME[n].dp for n in args.runs):  # one plan per method for every DP row, made once here
+        plans = {"planner": plan_dp(sites, model, args.epsilon, args.delta, planner=True),
+                 "fixed batch": plan_dp(sites, model, args.epsilon, args.delta, planner=False)}
+        result["dp_plans"] = {k: dataclasses.asdict(v) for k, v in plans.items()}
+        for v in plans.values():
+            print(f"DP {v.method}: expected batch {v.batch_size}, noise multiplier {v.noise_multiplier:.3f}, "
+                  f"max epsilon {max(s['epsilon'] for s in v.per_site.values()):.2f}")
     eval_settings = EvaluationSettings(classifier=ClassifierSettings(steps=preset["classifier_steps"], seed=args.seed),
                                        seed=args.seed)
     inputs = BenchmarkInputs(
-        model=model, sites={h: site_slices(slices, idx, split.groups) for h, idx in split.hospitals.items()},
-        central=site_slices(slices, train_index, split.groups), real_test=image_set(slices, split.validation, "validation split"),
+        model=model, sites=sites, central=site_slices(slices, train_index, split.groups),
+        public=site_slices(slices, split.public, split.groups), plans=plans, real_test=image_set(slices, split.validation, "validation split"),
         real_train=image_set(slices, train_index, "all hospitals"), evaluation=eval_settings, run_dir=run_dir,
         epsilon=args.epsilon, delta=args.delta, seed=args.seed, threads=args.threads)
     # The feature network is the same for every job: trained once here, not once per worker.

@@ -21,10 +21,12 @@ import numpy as np
 import torch
 
 from client.site_data import SiteSlices
-from common.checkpoint import Checkpoint, save_checkpoint
+from common.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from quality_data import sample_set
+from quality_runs import BY_NAME, PUBLIC_ONLY, RunSpec
 from quality_table import summarise
-from quality_train import ModelPreset, TrainOutcome, federation_config, train_central, train_federated
+from quality_train import DpPlan, ModelPreset, Recipe, TrainOutcome, federation_config, train_central, train_federated
+from server.init_weights import init_record
 from server.evaluation.evaluate import EvaluationSettings, evaluate_sets, write_report
 from server.evaluation.image_sets import ImageSet
 
@@ -36,6 +38,8 @@ class BenchmarkInputs:
     model: ModelPreset
     sites: dict[str, SiteSlices]
     central: SiteSlices
+    public: SiteSlices
+    plans: dict[str, DpPlan]  # "planner" and "fixed batch" (DP rows only; empty when none runs)
     real_test: ImageSet
     real_train: ImageSet
     evaluation: EvaluationSettings
@@ -78,39 +82,105 @@ def _score(name: str, synthetic: ImageSet, full_report: bool) -> dict:
     return report
 
 
-def _train(name: str) -> TrainOutcome:
+def pretrained_path() -> Path:
     assert _inputs is not None
-    p, run = _inputs.model, _inputs.run_dir
-    report = _round_reporter(name, p.rounds)
-    if name == "central":
-        return train_central(p, _inputs.central, len(_inputs.sites), run / name, on_round=report)
-    label = "federated+DP" if name == "federated_dp" else "federated"
-    return train_federated(p, _inputs.sites, run / name, name == "federated_dp", _inputs.epsilon, _inputs.delta,
-                           label=label, on_round=report)
+    return _inputs.run_dir / PUBLIC_ONLY / "model.pt"
 
 
-def train_and_score(name: str, samples: int, steps: int, guidance: float) -> tuple[dict, dict[str, np.ndarray]]:
-    """Train one of the three models, save it as a fedsynth checkpoint, sample it and score the samples.
+def _recipe(spec: RunSpec) -> Recipe | None:
+    assert _inputs is not None
+    p = _inputs.model
+    keep = p.keep_optimizer_state if spec.keep_optimizer_state is None else spec.keep_optimizer_state
+    if not spec.dp:
+        return Recipe(p.batch_size, 1.0, 1, keep, spec.trainable)
+    plan = _inputs.plans["planner" if spec.planner else "fixed batch"]
+    k = p.noise_multiplicity if spec.noise_multiplicity is None else spec.noise_multiplicity
+    return Recipe(plan.batch_size, plan.noise_multiplier, k, keep, spec.trainable)
+
+
+def _train(spec: RunSpec) -> tuple[TrainOutcome, Checkpoint]:
+    """Train one row and build its checkpoint as the ServerApp (or ``fedsynth pretrain``) would write it."""
+    assert _inputs is not None
+    p, run, classes = _inputs.model, _inputs.run_dir, _inputs.central.classes
+    report = _round_reporter(spec.name, p.rounds if spec.kind != "pretrain" else 20)
+    if spec.kind == "pretrain":
+        out = train_central(p, _inputs.public, len(_inputs.sites), run / spec.name, on_round=report,
+                            steps=p.pretrain_steps, batch_size=p.pretrain_batch_size, ema_decay=p.pretrain_ema_decay,
+                            label="pretrain")
+        provenance = {"kind": "pretrained", "description": "quality benchmark public split (bench/quality_split.py)",
+                      "num_images": len(_inputs.public), "steps": out.steps, "batch_size": out.batch_size,
+                      "learning_rate": p.learning_rate, "ema_decay": p.pretrain_ema_decay,
+                      "seed": _inputs.seed, "seconds": round(out.seconds, 3)}
+        cfg = federation_config(p, classes, run / spec.name, 1, False)
+        return out, Checkpoint(cfg, out.arrays, 0, provenance=provenance)
+    if spec.kind == "central":
+        out = train_central(p, _inputs.central, len(_inputs.sites), run / spec.name, on_round=report)
+        cfg = federation_config(p, classes, run / spec.name, 1, False)
+        return out, Checkpoint(cfg, out.arrays, p.rounds, provenance={"init": init_record(cfg)})
+    recipe = _recipe(spec)
+    initial, init_path, init = None, "", None
+    if spec.pretrained:
+        init_path = str(pretrained_path())
+        init = load_checkpoint(init_path)
+        initial = init.arrays
+    out = train_federated(p, _inputs.sites, run / spec.name, spec.dp, _inputs.epsilon, _inputs.delta, label=spec.name,
+                          on_round=report, recipe=recipe, initial=initial, init_checkpoint=init_path)
+    cfg = federation_config(p, classes, run / spec.name, p.local_steps, spec.dp, recipe=recipe, init_checkpoint=init_path)
+    # as the ServerApp's round checkpoint: the global weights, the EMA beside them (the sampler's default)
+    arrays = out.global_arrays if out.global_arrays is not None else out.arrays
+    return out, Checkpoint(cfg, arrays, p.rounds, sites=out.sites, provenance={"init": init_record(cfg, init)},
+                           optimizer=out.optimizer, ema=out.ema)
+
+
+def _sample_and_score(name: str, arrays: dict[str, np.ndarray], samples: int, steps: int, guidance: float) -> tuple[dict, float]:
+    assert _inputs is not None
+    _say(f"{name}: sampling {samples} images")
+    synthetic, sample_s = sample_set(_inputs.model, _inputs.central.classes, arrays, samples, steps, guidance,
+                                     _inputs.seed, progress=False)
+    report = _score(name, synthetic, full_report=True)
+    _say(f"{name}: scored (FID {report['fidelity']['fid']:.2f}, "
+         f"balanced TSTR {report['utility']['tstr_balanced_accuracy']:.3f})")
+    return report, sample_s
+
+
+def train_and_score(name: str, samples: int, steps: int, guidance: float) -> tuple[dict, dict[str, np.ndarray], dict[str, np.ndarray] | None]:
+    """Train one row, save it as a fedsynth checkpoint, sample it and score the samples.
 
     Returns:
-        ``(the run's entry of quality.json, the trained weights)``.
+        ``(the run's entry of quality.json, the weights sampled, the raw global weights or None)``.
     """
     assert _inputs is not None
+    spec = BY_NAME[name]
     _say(f"{name}: training started")
-    outcome = _train(name)
-    classes = _inputs.central.classes
-    save_checkpoint(_inputs.run_dir / name / "model.pt",
-                    Checkpoint(federation_config(_inputs.model, classes, _inputs.run_dir / name, 1, False),
-                               outcome.arrays, _inputs.model.rounds))
-    _say(f"{name}: trained in {outcome.seconds:.0f} s; sampling {samples} images")
-    synthetic, sample_s = sample_set(_inputs.model, classes, outcome.arrays, samples, steps, guidance, _inputs.seed,
-                                     progress=False)
-    report = _score(name, synthetic, full_report=True)
-    _say(f"{name}: scored (FID {report['fidelity']['fid']:.2f})")
-    entry = {"train_seconds": round(outcome.seconds, 1), "sample_seconds": round(sample_s, 1),
-             "optimiser_steps": outcome.steps, "weights": outcome.weights, "epsilon": outcome.epsilon, "noise_multiplier": outcome.noise_multiplier,
+    outcome, ckpt = _train(spec)
+    path = _inputs.run_dir / name / "model.pt"
+    save_checkpoint(path, ckpt)
+    _say(f"{name}: trained in {outcome.seconds:.0f} s")
+    report, sample_s = _sample_and_score(name, outcome.arrays, samples, steps, guidance)
+    recipe = _recipe(spec) if spec.kind == "federated" else None
+    entry = {"title": spec.title, "ablation": spec.ablation, "train_seconds": round(outcome.seconds, 1),
+             "sample_seconds": round(sample_s, 1), "optimiser_steps": outcome.steps, "weights": outcome.weights,
+             "checkpoint": str(path), "batch_size": outcome.batch_size, "epsilon": outcome.epsilon,
+             "noise_multiplier": outcome.noise_multiplier,
+             "noise_multiplicity": recipe.noise_multiplicity if recipe else 1,
+             "keep_optimizer_state": recipe.keep_optimizer_state if recipe else True,
+             "trainable": spec.trainable, "pretrained": spec.pretrained,
+             "dp_plan": (_inputs.plans["planner" if spec.planner else "fixed batch"].method if spec.dp else None),
              "loss_per_round": outcome.losses, "summary": summarise(report), "report": report}
-    return entry, outcome.arrays
+    return entry, outcome.arrays, outcome.global_arrays
+
+
+def score_weights(name: str, arrays: dict[str, np.ndarray], source_entry: dict, samples: int, steps: int,
+                  guidance: float) -> dict:
+    """Score another run's weights (its raw global weights, for "minus EMA"): no training."""
+    assert _inputs is not None
+    spec = BY_NAME[name]
+    report, sample_s = _sample_and_score(name, arrays, samples, steps, guidance)
+    keep = ("optimiser_steps", "checkpoint", "batch_size", "epsilon", "noise_multiplier", "noise_multiplicity",
+            "keep_optimizer_state", "trainable", "pretrained", "dp_plan")
+    return {**{k: source_entry.get(k) for k in keep}, "title": spec.title, "ablation": spec.ablation,
+            "train_seconds": 0.0, "sample_seconds": round(sample_s, 1), "weights": "global", "source": spec.source,
+            "loss_per_round": source_entry.get("loss_per_round", []), "summary": summarise(report), "report": report}
 
 
 def score_sweep_point(arrays: dict[str, np.ndarray], samples: int, steps: int, guidance: float) -> dict:

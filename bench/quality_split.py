@@ -4,8 +4,14 @@
   re-encoded or re-sized) are joined into groups by union-find, and a group is never
   split: a validation image never has a copy in any hospital, and for DP a group is one
   patient (one gradient per step however many copies it has).
-* About 10% of the groups form the validation set (held-out real images for FID, TSTR
-  and the memorisation baseline).
+* A **public** set (what the coordinator may use openly, for ``fedsynth pretrain``): about
+  ``PUBLIC_GROUPS_PER_CLASS`` groups of each class, drawn before anything else, so it shares
+  no near-duplicate group with any hospital or with validation. It is class-balanced and
+  mixes sources on purpose: no source of this data set holds all four classes (512 px cluster
+  0 has 5 notumor images, cluster 1 none, other sizes no glioma), so a single-source public
+  set would teach a pretrained model nothing about at least one class.
+* About 10% of the remaining groups form the validation set (held-out real images for FID,
+  TSTR and the memorisation baseline).
 * The rest go to 4 hospitals that differ in case mix *and* in acquisition: each group's
   "source" is its original size (512 x 512 or other) and, for 512 px images, one of two
   appearance clusters (k-means on 8 x 8 thumbnails, seeded), standing in for scanners
@@ -31,6 +37,9 @@ CLASS_MIX = np.array([[0.55, 0.15, 0.15, 0.15], [0.15, 0.55, 0.15, 0.15], [0.15,
 # rows: hospitals; columns: sources "512/cluster-0", "512/cluster-1", "other size"
 SOURCE_MIX = np.array([[0.7, 0.2, 0.1], [0.2, 0.7, 0.1], [0.1, 0.2, 0.7], [0.4, 0.4, 0.2]])
 SOURCES = ("512/cluster-0", "512/cluster-1", "other-size")
+# Expected near-duplicate groups per class in the public set (fewer where a class has fewer groups).
+PUBLIC_GROUPS_PER_CLASS = 90
+PUBLIC = "public"
 
 
 @dataclass(frozen=True)
@@ -39,6 +48,7 @@ class Split:
 
     hospitals: dict[str, np.ndarray]
     validation: np.ndarray
+    public: np.ndarray
     groups: np.ndarray
     sources: np.ndarray
     near_duplicate_images: int
@@ -89,15 +99,21 @@ def appearance_clusters(images: np.ndarray, seed: int, iterations: int = 25) -> 
     return assign if centres[0].mean() <= centres[1].mean() else 1 - assign
 
 
-def split_hospitals(slices: SiteSlices, root: Path, seed: int = 0, val_fraction: float = 0.1) -> Split:
-    """Assign every near-duplicate group to the validation set or to one hospital (seeded)."""
+def split_hospitals(slices: SiteSlices, root: Path, seed: int = 0, val_fraction: float = 0.1,
+                    public_groups_per_class: int = PUBLIC_GROUPS_PER_CLASS) -> Split:
+    """Assign every near-duplicate group to the public set, the validation set or one hospital (seeded)."""
     groups = near_duplicate_groups(slices.images)
     is_512 = np.array([size == (512, 512) for size in original_sizes(root, slices.patients)])
     sources = np.where(is_512, appearance_clusters(slices.images, seed), 2)
     rng = np.random.default_rng(seed)
     leaders = np.unique(groups)  # each group takes its lowest-index member's class and source
+    groups_per_class = np.bincount(slices.labels[leaders], minlength=len(slices.classes))
+    public_p = np.minimum(0.5, public_groups_per_class / np.maximum(groups_per_class, 1))
     owner = {}
     for g in leaders:
+        if rng.random() < public_p[slices.labels[g]]:
+            owner[g] = PUBLIC
+            continue
         if rng.random() < val_fraction:
             owner[g] = "validation"
             continue
@@ -106,6 +122,7 @@ def split_hospitals(slices: SiteSlices, root: Path, seed: int = 0, val_fraction:
     where = np.array([owner[g] for g in groups])
     counts = np.bincount(groups, minlength=len(groups))
     return Split(hospitals={h: np.flatnonzero(where == h) for h in HOSPITALS}, validation=np.flatnonzero(where == "validation"),
+                 public=np.flatnonzero(where == PUBLIC),
                  groups=groups, sources=sources, near_duplicate_images=int(np.sum(counts[groups] > 1)))
 
 
@@ -116,9 +133,9 @@ def site_slices(slices: SiteSlices, index: np.ndarray, groups: np.ndarray) -> Si
 
 
 def describe(split: Split, slices: SiteSlices) -> dict:
-    """Per hospital (and validation): images, patients (groups), and counts per class and source."""
+    """Per hospital (and validation, public): images, patients (groups), and counts per class and source."""
     out = {}
-    for name, index in [*split.hospitals.items(), ("validation", split.validation)]:
+    for name, index in [*split.hospitals.items(), ("validation", split.validation), (PUBLIC, split.public)]:
         labels = slices.labels[index]
         out[name] = {"images": int(len(index)), "patients": int(len(np.unique(split.groups[index]))),
                      "classes": {c: int(np.sum(labels == i)) for i, c in enumerate(slices.classes)},

@@ -5,8 +5,10 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
-MAIN_COLUMNS = ("run", "FID", "FID per class (g/m/n/p)", "hist W1", "MS-SSIM syn", "MS-SSIM real", "TSTR", "TRTR",
-                "mem <p1", "max eps", "train s", "sample s")
+MAIN_COLUMNS = ("run", "FID", "FID per class (g/m/n/p)", "hist W1", "MS-SSIM syn", "TSTR", "TSTR bal.", "mem <p1",
+                "nearest-train median", "max eps", "batch / sigma / K", "train s", "sample s")
+ABLATION_COLUMNS = ("federated + DP from pretraining", "FID", "Δ FID", "TSTR bal.", "Δ TSTR bal.", "mem <p1",
+                    "nearest-train median", "max eps", "batch / sigma / K")
 SWEEP_COLUMNS = ("guidance", "DDIM steps", "FID", "MS-SSIM syn", "TSTR", "TSTR bal.", "mem <p1", "sample s")
 
 
@@ -16,22 +18,66 @@ def summarise(report: dict) -> dict:
             "ms_ssim_synthetic": div["ms_ssim_synthetic"], "ms_ssim_real": div["ms_ssim_real"],
             "tstr_accuracy": util["tstr_accuracy"], "tstr_balanced_accuracy": util["tstr_balanced_accuracy"],
             "trtr_accuracy": util.get("trtr_accuracy"), "ratio": util.get("ratio"),
-            "fraction_below_p1": mem.get("fraction_below_p1"), "baseline_p1": mem.get("baseline_p1")}
+            "fraction_below_p1": mem.get("fraction_below_p1"), "baseline_p1": mem.get("baseline_p1"),
+            "nearest_train_median": _median(mem)}
+
+
+def _median(mem: dict) -> float | None:
+    levels, values = mem.get("quantile_levels") or [], mem.get("synthetic_quantiles") or []
+    if isinstance(values, dict):
+        values = list(values.values())
+    return next((float(v) for level, v in zip(levels, values) if abs(float(level) - 0.5) < 1e-9), None)
 
 
 def _f(value: object, digits: int = 3) -> str:
     return "–" if value is None else f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
 
+MAIN = ("public_only", "central", "federated", "federated_dp", "federated_dp_pretrained", "federated_dp_pretrained_efficient")
+ABLATIONS = ("ablation_no_ema", "ablation_restart", "ablation_k1", "ablation_no_planner")
+
+
+def _eps(run: dict) -> str:
+    eps = [e for e in (run.get("epsilon") or {}).values() if e is not None]
+    return _f(max(eps), 2) if eps else "∞ (no DP)"
+
+
+def _setting(run: dict) -> str:
+    sigma = run.get("noise_multiplier")
+    return f"{run.get('batch_size')} / {'–' if sigma is None else f'{sigma:.2f}'} / {run.get('noise_multiplicity', 1)}"
+
+
 def _main_rows(result: dict) -> list[list[str]]:
     rows = []
-    for name, run in result["runs"].items():
+    for name in [n for n in MAIN if n in result["runs"]] + [n for n in result["runs"] if n not in MAIN + ABLATIONS]:
+        run = result["runs"][name]
         s = run["summary"]
-        eps = [e for e in run["epsilon"].values() if e is not None]
-        per_class = "/".join(_f(v, 2) for v in s["fid_per_class"].values())
-        rows.append([name, _f(s["fid"]), per_class, _f(s["histogram_w1"]), _f(s["ms_ssim_synthetic"]), _f(s["ms_ssim_real"]),
-                     _f(s["tstr_accuracy"]), _f(s["trtr_accuracy"]), _f(s["fraction_below_p1"]),
-                     _f(max(eps), 2) if eps else "∞ (no DP)", _f(run["train_seconds"], 0), _f(run["sample_seconds"], 0)])
+        per_class = "/".join(_f(v, 1) for v in s["fid_per_class"].values())
+        rows.append([run.get("title", name), _f(s["fid"], 2), per_class, _f(s["histogram_w1"]), _f(s["ms_ssim_synthetic"]),
+                     _f(s["tstr_accuracy"]), _f(s["tstr_balanced_accuracy"]), _f(s["fraction_below_p1"]),
+                     _f(s.get("nearest_train_median")), _eps(run), _setting(run), _f(run["train_seconds"], 0),
+                     _f(run["sample_seconds"], 0)])
+    return rows
+
+
+def _ablation_rows(result: dict) -> list[list[str]]:
+    runs = result["runs"]
+    full = runs.get("federated_dp_pretrained")
+    if full is None:
+        return []
+    base = full["summary"]
+
+    def row(label: str, run: dict) -> list[str]:
+        s = run["summary"]
+        d_fid = s["fid"] - base["fid"]
+        d_tstr = s["tstr_balanced_accuracy"] - base["tstr_balanced_accuracy"]
+        return [label, _f(s["fid"], 2), f"{d_fid:+.2f}", _f(s["tstr_balanced_accuracy"]), f"{d_tstr:+.3f}",
+                _f(s["fraction_below_p1"]), _f(s.get("nearest_train_median")), _eps(run), _setting(run)]
+
+    rows = [row("full recipe", full)]
+    rows += [row(runs[n]["title"], runs[n]) for n in ABLATIONS if n in runs]
+    if "federated_dp" in runs:
+        rows.append(row("minus pretraining (= from scratch)", runs["federated_dp"]))
     return rows
 
 
@@ -49,6 +95,14 @@ def print_table(result: dict) -> None:
     for row in _main_rows(result):
         table.add_row(*row)
     console.print(table)
+    ablation = _ablation_rows(result)
+    if len(ablation) > 1:
+        t = Table(title="ablation: each row takes one ingredient away (Δ: minus the full recipe)")
+        for column in ABLATION_COLUMNS:
+            t.add_column(column, justify="right")
+        for row in ablation:
+            t.add_row(*row)
+        console.print(t)
     if result.get("sweep"):
         sweep = Table(title=f"sweep on the {result['sweep']['model']} model, {result['sweep']['samples']} images each")
         for column in SWEEP_COLUMNS:
@@ -69,6 +123,9 @@ def markdown_table(result: dict) -> str:
             f"{m['cpu']}{', ' + m['gpu'] if m['gpu'] else ''}, torch {m['torch']} ({m['torch_threads']} threads), "
             f"total {result.get('total_seconds', '?')} s.\n\n")
     text = head + _markdown(MAIN_COLUMNS, _main_rows(result))
+    ablation = _ablation_rows(result)
+    if len(ablation) > 1:
+        text += "\nAblation (Δ: minus the full recipe):\n\n" + _markdown(ABLATION_COLUMNS, ablation)
     if result.get("sweep"):
         text += f"\nSweep on `{result['sweep']['model']}`:\n\n" + _markdown(SWEEP_COLUMNS, _sweep_rows(result))
     return text

@@ -1,0 +1,78 @@
+"""The quality benchmark's rows (bench/quality_runs.py) run end to end at toy size: public pretraining,
+a DP row from it through the ServerApp's strategy, parameter-efficient fine-tuning, "minus EMA" scoring."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from client.site_data import SiteSlices
+from common.checkpoint import load_checkpoint
+from server.evaluation.classifier import ClassifierSettings
+from server.evaluation.evaluate import EvaluationSettings
+from server.evaluation.image_sets import ImageSet
+from server.sampler import sampling_weights
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "bench"))
+try:
+    import quality_jobs as qj
+    import quality_runs as qr
+    import quality_train as qt
+finally:
+    sys.path.remove(str(REPO / "bench"))
+
+CLASSES = ("disc", "ring")
+
+
+def _slices(rng: np.random.Generator, n: int, prefix: str) -> SiteSlices:
+    return SiteSlices(images=rng.uniform(-1, 1, (n, 1, 16, 16)).astype(np.float32), labels=np.arange(n) % 2,
+                      patients=[f"{prefix}{i}" for i in range(n)], classes=CLASSES)
+
+
+def test_dependencies_pull_in_pretraining_and_the_source_run() -> None:
+    assert qr.with_dependencies(["ablation_no_ema"]) == ["public_only", "federated_dp_pretrained", "ablation_no_ema"]
+    assert qr.with_dependencies(["central"]) == ["central"]
+
+
+def test_recipe_rows_at_toy_size(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    sites = {"a": _slices(rng, 12, "a"), "b": _slices(rng, 10, "b")}
+    p = qt.ModelPreset(image_size=16, channels=(8, 8), rounds=2, local_steps=2, batch_size=4, learning_rate=1e-3,
+                       ema_decay=0.5, warmup_steps=2, noise_multiplicity=2, central_ema_decay=0.9, pretrain_steps=3,
+                       pretrain_batch_size=4, dp_batch_sizes=(2, 4))
+    plans = {"planner": qt.plan_dp(sites, p, 8.0, 1e-5, planner=True),
+             "fixed batch": qt.plan_dp(sites, p, 8.0, 1e-5, planner=False)}
+    assert plans["fixed batch"].batch_size == 4 and plans["planner"].batch_size in (2, 4)
+    assert all(s["epsilon"] <= 8.0 for plan in plans.values() for s in plan.per_site.values())
+    real = ImageSet(sites["a"].images, sites["a"].labels, CLASSES, sites["a"].patients, "toy")
+    central = SiteSlices(np.concatenate([s.images for s in sites.values()]),
+                         np.concatenate([s.labels for s in sites.values()]),
+                         [q for s in sites.values() for q in s.patients], CLASSES)
+    inputs = qj.BenchmarkInputs(model=p, sites=sites, central=central, public=_slices(rng, 8, "pub"), plans=plans,
+                                real_test=real, real_train=real,
+                                evaluation=EvaluationSettings(classifier=ClassifierSettings(steps=2, batch_size=8, width=4)),
+                                run_dir=tmp_path, epsilon=8.0, delta=1e-5, seed=0, threads=1)
+    qj.init_worker(inputs, None)
+
+    public, _, _ = qj.train_and_score("public_only", 4, 2, 1.0)
+    assert public["optimiser_steps"] == 3 and load_checkpoint(tmp_path / "public_only" / "model.pt").provenance["kind"] == "pretrained"
+
+    full, ema, raw = qj.train_and_score("federated_dp_pretrained", 4, 2, 1.0)
+    assert full["weights"] == "ema" and full["noise_multiplicity"] == 2 and full["batch_size"] == plans["planner"].batch_size
+    assert full["optimiser_steps"] == 2 * 2 * 2 and all(e is not None and e <= 8.0 for e in full["epsilon"].values())
+    assert any(not np.array_equal(ema[k], raw[k]) for k in ema)  # "minus EMA" scores different weights
+    ckpt = load_checkpoint(tmp_path / "federated_dp_pretrained" / "model.pt")
+    assert ckpt.provenance["init"]["kind"] == "checkpoint" and ckpt.ema is not None
+    sampled, which = sampling_weights(ckpt)  # what `fedsynth sample` takes by default: the EMA
+    assert which == "ema" and all(np.array_equal(sampled[k], ema[k]) for k in ema)
+
+    no_ema = qj.score_weights("ablation_no_ema", raw, full, 4, 2, 1.0)
+    assert no_ema["weights"] == "global" and no_ema["train_seconds"] == 0.0
+
+    efficient, arrays, _ = qj.train_and_score("federated_dp_pretrained_efficient", 4, 2, 1.0)
+    init = load_checkpoint(tmp_path / "public_only" / "model.pt").arrays
+    frozen = [k for k in init if np.array_equal(init[k], arrays[k])]
+    assert frozen and len(frozen) < len(init)  # only the efficient subset moved
