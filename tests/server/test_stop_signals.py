@@ -51,6 +51,14 @@ def _superlink_port(flwr_home: Path) -> str | None:
     return match.group(1) if match else None
 
 
+def _default_stop_signals() -> None:
+    """In the child before exec: the dispositions of a command typed in a terminal. Ignored
+    signals are inherited, so under ``nohup`` (SIGHUP) or in a shell's background job (SIGINT)
+    the CLI would rightly keep ignoring the very signal a test sends."""
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_DFL)
+
+
 def _start(tmp_path: Path) -> tuple[subprocess.Popen, Path]:
     data = write_shapes_dataset(tmp_path / "data", per_class=6)
     sites = [write_site(tmp_path / "sites", s, data) for s in ("site-a", "site-b")]
@@ -59,7 +67,7 @@ def _start(tmp_path: Path) -> tuple[subprocess.Popen, Path]:
     argv = [sys.executable, "-m", "server.cli", "simulate", "--config", str(fed_path),
             *(a for s in sites for a in ("--site", str(s))), "--workdir", str(tmp_path / "work")]
     proc = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONPATH": str(REPO)})
+                            env={**os.environ, "PYTHONPATH": str(REPO)}, preexec_fn=_default_stop_signals)
     return proc, tmp_path / "work" / "flower" / "flwr-home"
 
 

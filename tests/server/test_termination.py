@@ -5,10 +5,23 @@ from __future__ import annotations
 import os
 import signal
 import time
+from collections.abc import Iterator
 
 import pytest
 
-from server.termination import Terminated, stop_signals_held, stop_signals_raise
+from server.termination import STOP_SIGNALS, Terminated, stop_signals_held, stop_signals_raise
+
+
+@pytest.fixture(autouse=True)
+def _default_stop_signals() -> Iterator[None]:
+    """Start from the dispositions of a process started in a terminal: under ``nohup`` (SIGHUP
+    ignored) or as a shell's background job (SIGINT ignored) the runner would hand these tests an
+    ignored signal, which the code under test rightly leaves ignored."""
+    defaults = {signal.SIGINT: signal.default_int_handler}
+    previous = {sig: signal.signal(sig, defaults.get(sig, signal.SIG_DFL)) for sig in STOP_SIGNALS}
+    yield
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)
 
 
 def _deliver(sig: int) -> None:
@@ -27,7 +40,6 @@ def test_a_signal_while_held_is_raised_after_the_block() -> None:
     assert (stop.value.name, stop.value.exit_code) == ("SIGHUP", 129)
     # the process is on its way out: a repeat is ignored, not raised in the middle of the exit
     assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
-    signal.signal(signal.SIGHUP, signal.SIG_DFL)
 
 
 def test_nohup_stays_in_force() -> None:
