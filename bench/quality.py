@@ -65,6 +65,12 @@ PRESETS = {
                                        learning_rate=1e-3, central_ema_decay=0.995, pretrain_steps=6000,
                                        **{**RECIPE, "ema_decay": 0.9}),
                      samples=400, sweep_samples=200, classifier_steps=400),
+    # The independent DDPM's budget for one model (UNet (32, 64, 64), 1.1M parameters, batch 64,
+    # about 2,100 steps, EMA 0.999): meant for `--runs central`, to tell the recipe from the compute.
+    "cpu-reference": dict(model=ModelPreset(image_size=32, channels=(32, 64, 64), rounds=54, local_steps=10,
+                                            batch_size=64, learning_rate=1e-3, central_ema_decay=0.999,
+                                            pretrain_steps=2160, **RECIPE),
+                          samples=400, sweep_samples=200, classifier_steps=400),
     # one GPU: 64 px, a 4.6M-parameter UNet, 16x the cpu preset's optimiser steps
     "gpu": dict(model=ModelPreset(image_size=64, channels=(64, 128, 128), rounds=40, local_steps=60, batch_size=64,
                                   learning_rate=5e-4, head_channels=16, central_ema_decay=0.999, pretrain_steps=8000,
