@@ -113,18 +113,23 @@ def test_per_sample_gradients_are_exact_and_autograd_skips_the_summed_gradient(
         assert _rel_error(got, want) < 1e-5
 
 
+def _opacus_hooks_step(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> None:
+    """One step of Opacus' own GradSampleModule + DPOptimizer, noise off, clip 0.05, expected batch 3."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        wrapped = GradSampleModule(model)
+        optimizer = DPOptimizer(torch.optim.SGD(model.parameters(), lr=1.0), noise_multiplier=0.0, max_grad_norm=0.05,
+                                expected_batch_size=3)
+        PlainStep(optimizer).step(lambda: _losses(wrapped, batch))
+
+
 def test_same_step_as_opacus_hooks() -> None:
     """Noise off: fedsynth's step and Opacus' GradSampleModule + DPOptimizer give the same update."""
     batch = _batch(n=5)
     ours = _model()
     DPSGDStep(ours, torch.optim.SGD(ours.parameters(), lr=1.0), 0.0, 0.05, expected_batch_size=3).step(lambda: _losses(ours, batch))
     theirs = _model()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        wrapped = GradSampleModule(theirs)
-        optimizer = DPOptimizer(torch.optim.SGD(theirs.parameters(), lr=1.0), noise_multiplier=0.0, max_grad_norm=0.05,
-                                expected_batch_size=3)
-        PlainStep(optimizer).step(lambda: _losses(wrapped, batch))
+    _opacus_hooks_step(theirs, batch)
     ours_grads = {name: p.grad for name, p in ours.named_parameters()}
     theirs_grads = {name: p.grad for name, p in theirs.named_parameters()}
     assert _rel_error(ours_grads, theirs_grads) < 1e-5
@@ -360,12 +365,7 @@ def test_frozen_subset_same_step_as_opacus_hooks() -> None:
     ours, frozen = _frozen_model()
     DPSGDStep(ours, torch.optim.SGD(ours.parameters(), lr=1.0), 0.0, 0.05, expected_batch_size=3).step(lambda: _losses(ours, batch))
     theirs, _ = _frozen_model()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        wrapped = GradSampleModule(theirs)
-        optimizer = DPOptimizer(torch.optim.SGD(theirs.parameters(), lr=1.0), noise_multiplier=0.0, max_grad_norm=0.05,
-                                expected_batch_size=3)
-        PlainStep(optimizer).step(lambda: _losses(wrapped, batch))
+    _opacus_hooks_step(theirs, batch)
     ours_grads = {name: p.grad for name, p in ours.named_parameters() if p.requires_grad}
     theirs_grads = {name: p.grad for name, p in theirs.named_parameters() if p.requires_grad}
     assert _rel_error(ours_grads, theirs_grads) < 1e-5
