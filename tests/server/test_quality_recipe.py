@@ -76,3 +76,22 @@ def test_recipe_rows_at_toy_size(tmp_path: Path) -> None:
     init = load_checkpoint(tmp_path / "public_only" / "model.pt").arrays
     frozen = [k for k in init if np.array_equal(init[k], arrays[k])]
     assert frozen and len(frozen) < len(init)  # only the efficient subset moved
+
+
+def test_every_preset_is_a_valid_federation_whose_unet_builds(tmp_path: Path) -> None:
+    """A preset that only fails after an hour of loading and pretraining is a benchmark nobody can run."""
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        import quality
+    finally:
+        sys.path.remove(str(REPO / "bench"))
+    from common.model import build_unet
+
+    for name, preset in quality.PRESETS.items():
+        model = preset["model"]
+        for dp in (False, True):
+            cfg = qt.federation_config(model, CLASSES, tmp_path / name, model.local_steps, dp=dp)
+            assert list(cfg.model.channels) == list(model.channels), name
+        unet = build_unet(cfg.model)
+        assert sum(p.numel() for p in unet.parameters()) > 0, name
+        assert preset["samples"] >= len(CLASSES) and preset["classifier_steps"] > 0, name
