@@ -10,6 +10,7 @@ import numpy as np
 
 from client.site_data import SiteSlices
 from common.checkpoint import load_checkpoint
+from common.model import build_unet
 from server.evaluation.classifier import ClassifierSettings
 from server.evaluation.evaluate import EvaluationSettings
 from server.evaluation.image_sets import ImageSet
@@ -18,6 +19,7 @@ from server.sampler import sampling_weights
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "bench"))
 try:
+    import quality
     import quality_jobs as qj
     import quality_runs as qr
     import quality_train as qt
@@ -80,13 +82,6 @@ def test_recipe_rows_at_toy_size(tmp_path: Path) -> None:
 
 def test_every_preset_is_a_valid_federation_whose_unet_builds(tmp_path: Path) -> None:
     """A preset that only fails after an hour of loading and pretraining is a benchmark nobody can run."""
-    sys.path.insert(0, str(REPO / "bench"))
-    try:
-        import quality
-    finally:
-        sys.path.remove(str(REPO / "bench"))
-    from common.model import build_unet
-
     for name, preset in quality.PRESETS.items():
         model = preset["model"]
         for dp in (False, True):

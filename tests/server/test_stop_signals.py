@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from server.termination import STOP_SIGNALS
 from tests.conftest import tiny_federation, write_shapes_dataset, write_site
 
 REPO = Path(__file__).resolve().parents[2]
@@ -55,7 +56,7 @@ def _default_stop_signals() -> None:
     """In the child before exec: the dispositions of a command typed in a terminal. Ignored
     signals are inherited, so under ``nohup`` (SIGHUP) or in a shell's background job (SIGINT)
     the CLI would rightly keep ignoring the very signal a test sends."""
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+    for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_DFL)
 
 
