@@ -49,6 +49,7 @@ from server.evaluation.image_sets import ImageSet  # noqa: E402
 from common.config import SERVER_OPTIMIZERS  # noqa: E402
 from common.errors import ConfigError  # noqa: E402
 from common.fileio import write_bytes_atomic, write_json_atomic  # noqa: E402
+from server.sampler import DEFAULT_ETA  # noqa: E402
 
 # The recipe every preset shares (issue 11): EMA of the global weights over rounds (per step for central
 # rows and pretraining), AdamW kept across rounds at each site, a short warm-up, K = 2 noise draws per
@@ -110,6 +111,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--sweep-samples", type=int, help="override the number of images per sweep point")
     p.add_argument("--steps", type=int, default=50, help="DDIM steps for the main comparison")
     p.add_argument("--guidance", type=float, default=1.0, help="guidance for the main comparison")
+    p.add_argument("--eta", type=float, default=DEFAULT_ETA,
+                   help="DDIM stochasticity for every model (0 deterministic, 1 ancestral; the sampler's default)")
     p.add_argument("--epsilon", type=float, default=8.0, help="per-site DP budget of run (c)")
     p.add_argument("--delta", type=float, default=1e-5)
     p.add_argument("--runs", nargs="+", choices=RUNS, default=list(RUNS),
@@ -226,6 +229,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.workers < 1 or args.threads < 1:
         print("quality benchmark: --workers and --threads must be at least 1", file=sys.stderr)
         return 2
+    if not 0 <= args.eta <= 1:
+        print(f"quality benchmark: --eta must be in [0, 1], got {args.eta}", file=sys.stderr)
+        return 2
     torch.set_num_threads(args.threads)
     preset = PRESETS[args.preset]
     model: ModelPreset = dataclasses.replace(preset["model"], **{k: v for k, v in (("rounds", args.rounds),
@@ -249,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = args.out / time.strftime("run-%Y%m%d-%H%M%S")  # fresh privacy ledgers every time
     started = time.time()
     result: dict = {"preset": args.preset, "reduced": reduced, "requested_runs": requested, "model": dataclasses.asdict(model), "samples": samples,
-                    "sampling": {"steps": args.steps, "guidance": args.guidance},
+                    "sampling": {"steps": args.steps, "guidance": args.guidance, "eta": args.eta},
                     "machine": {**machine(), "workers": args.workers}, "runs": {}}
 
     slices = load_slices(args.data, model.image_size, args.out / "cache")
@@ -272,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
         model=model, sites=sites, central=site_slices(slices, train_index, split.groups),
         public=site_slices(slices, split.public, split.groups), plans=plans, real_test=image_set(slices, split.validation, "validation split"),
         real_train=image_set(slices, train_index, "all hospitals"), evaluation=eval_settings, run_dir=run_dir,
-        epsilon=args.epsilon, delta=args.delta, seed=args.seed, threads=args.threads)
+        epsilon=args.epsilon, delta=args.delta, seed=args.seed, threads=args.threads, eta=args.eta)
     # The feature network is the same for every job: trained once here, not once per worker.
     load_or_train(inputs.real_train.images, inputs.real_train.labels, slices.classes, eval_settings.classifier,
                   run_dir / "classifier-cache", progress=True, desc="feature network")

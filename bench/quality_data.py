@@ -21,7 +21,7 @@ from common.model import pick_device
 from common.preprocess import normalise_intensity
 from quality_train import ModelPreset, federation_config
 from server.evaluation.image_sets import ImageSet
-from server.sampler import build_sampling_model, sample_images
+from server.sampler import DEFAULT_ETA, build_sampling_model, sample_images
 from server.synthetic_set import plan_labels
 
 CLASSES = ("glioma", "meningioma", "notumor", "pituitary")
@@ -52,15 +52,15 @@ def load_slices(root: Path, size: int, cache_dir: Path) -> SiteSlices:
 
 
 def sample_set(p: ModelPreset, classes: tuple[str, ...], arrays: dict[str, np.ndarray], num: int, steps: int,
-               guidance: float, seed: int, progress: bool = True) -> tuple[ImageSet, float]:
+               guidance: float, seed: int, progress: bool = True, eta: float = DEFAULT_ETA) -> tuple[ImageSet, float]:
     """``num`` images, classes round-robin, image ``i`` from seed ``seed + i``; and the sampling seconds."""
     cfg = federation_config(p, classes, Path("."), 1, dp=False)
     model = build_sampling_model(cfg, arrays, pick_device())
     labels = plan_labels(classes, (), num)
     started = time.time()
     images = sample_images(cfg, model, labels, [seed + i for i in range(num)], steps, guidance, batch_size=50,
-                           progress=progress)
+                           progress=progress, eta=eta)
     seconds = time.time() - started
     normalised = np.stack([normalise_intensity(im) for im in images])[:, None].astype(np.float32)
     return ImageSet(normalised, np.asarray(labels, dtype=np.int64), classes, [f"sample-{i:04d}" for i in range(num)],
-                    f"{steps} DDIM steps, guidance {guidance}"), seconds
+                    f"{steps} DDIM steps, guidance {guidance}, eta {eta}"), seconds

@@ -27,6 +27,7 @@ from quality_runs import BY_NAME, PUBLIC_ONLY, RunSpec
 from quality_table import summarise
 from quality_train import DpPlan, ModelPreset, Recipe, TrainOutcome, federation_config, train_central, train_federated
 from server.init_weights import init_record
+from server.sampler import DEFAULT_ETA
 from server.evaluation.evaluate import EvaluationSettings, evaluate_sets, write_report
 from server.evaluation.image_sets import ImageSet
 
@@ -48,6 +49,7 @@ class BenchmarkInputs:
     delta: float
     seed: int
     threads: int
+    eta: float = DEFAULT_ETA  # DDIM stochasticity of every model's sampling
 
 
 _inputs: BenchmarkInputs | None = None
@@ -136,7 +138,7 @@ def _sample_and_score(name: str, arrays: dict[str, np.ndarray], samples: int, st
     assert _inputs is not None
     _say(f"{name}: sampling {samples} images")
     synthetic, sample_s = sample_set(_inputs.model, _inputs.central.classes, arrays, samples, steps, guidance,
-                                     _inputs.seed, progress=False)
+                                     _inputs.seed, progress=False, eta=_inputs.eta)
     report = _score(name, synthetic, full_report=True)
     _say(f"{name}: scored (FID {report['fidelity']['fid']:.2f}, "
          f"balanced TSTR {report['utility']['tstr_balanced_accuracy']:.3f})")
@@ -187,7 +189,7 @@ def score_sweep_point(arrays: dict[str, np.ndarray], samples: int, steps: int, g
     """Sample the swept model at one (guidance, DDIM steps) and score it; returns the sweep row."""
     assert _inputs is not None
     synthetic, sample_s = sample_set(_inputs.model, _inputs.central.classes, arrays, samples, steps, guidance,
-                                     _inputs.seed, progress=False)
+                                     _inputs.seed, progress=False, eta=_inputs.eta)
     report = _score("sweep", synthetic, full_report=False)
     _say(f"sweep guidance {guidance:g}, {steps} steps: FID {report['fidelity']['fid']:.2f}")
     return {"guidance": guidance, "steps": steps, "sample_seconds": round(sample_s, 1), "summary": summarise(report)}

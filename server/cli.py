@@ -44,9 +44,10 @@ def _simulate(args: argparse.Namespace) -> int:
 def _sample(args: argparse.Namespace) -> int:
     from server.synthetic_set import SampleRequest, generate_synthetic_set
 
+    eta = {} if args.eta is None else {"eta": args.eta}  # else the sampler's own default
     req = SampleRequest(checkpoint=Path(args.checkpoint), num=args.num, out=Path(args.out), classes=tuple(args.class_ or ()),
                         steps=args.steps, guidance=args.guidance, seed=args.seed, batch_size=args.batch_size,
-                        overwrite=args.overwrite, weights=args.weights)
+                        overwrite=args.overwrite, weights=args.weights, **eta)
     manifest = generate_synthetic_set(req)
     print(f"{len(manifest['images'])} images from the {manifest['weights']} weights written to {args.out} "
           "(manifest.json, contact_sheet.png, model_card.md)")
@@ -78,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--class", dest="class_", action="append", metavar="NAME", help="class to sample (repeatable; default all)")
     sample.add_argument("--steps", type=int, default=50, help="DDIM steps")
     sample.add_argument("--guidance", type=float, default=1.0, help="CFG scale: 0 unconditional, 1 conditional, >1 guided")
+    sample.add_argument("--eta", type=float, default=None,
+                        help="noise added by each DDIM step: 0 deterministic, 1 ancestral (the default, measured better)")
     sample.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
     sample.add_argument("--batch-size", type=int, default=32)
     sample.add_argument("--out", required=True)

@@ -5,8 +5,11 @@ unconditional model, ``w = 1`` the plain conditional one, ``w > 1`` is guided. F
 ``w`` other than 0 and 1 the conditional and unconditional passes run as one batched
 forward of twice the batch.
 
-Each image starts from noise drawn with its own seed, and DDIM with ``eta = 0`` is
-deterministic, so the same seeds give the same images.
+``eta`` sets how much fresh noise each DDIM step adds (Song et al. 2021, eq. 16): 0 is the
+deterministic DDIM ODE, 1 the DDPM-like ancestral sampler. On the quality benchmark's models
+``eta = 1`` gave both lower FID and higher TSTR at 50 steps (docs/benchmarks.md), so it is the
+default. Each image draws its start and every step's noise from its own generator, seeded by
+its own seed, so the same seeds give the same images whatever else shares the batch.
 """
 
 from __future__ import annotations
@@ -15,12 +18,16 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+from monai.networks.schedulers import DDIMScheduler
 from tqdm.auto import tqdm
 
 from common.checkpoint import Checkpoint
 from common.config import FedsynthConfig
 from common.errors import ConfigError
 from common.model import build_ddim_sampler, build_unet, load_trainable_state
+
+# Stochasticity of the DDIM steps when the caller does not choose (see the module docstring).
+DEFAULT_ETA = 1.0
 
 # Which weights of a checkpoint to sample: the EMA over rounds, or the last round's global weights.
 WEIGHTS = ("ema", "global")
@@ -46,9 +53,48 @@ def build_sampling_model(cfg: FedsynthConfig, arrays: dict[str, np.ndarray], dev
     return model.to(device).eval()
 
 
+class ImageNoise:
+    """Standard normal noise for a batch of images, image ``i`` drawn from ``seeds[i]`` alone.
+
+    The first draw is the image's starting noise; later draws are the noise of stochastic
+    DDIM steps. One generator per image, not one per batch: an image must not depend on
+    which images a batch put beside it.
+    """
+
+    def __init__(self, seeds: Sequence[int], size: int) -> None:
+        self._generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+        self._size = size
+
+    def draw(self) -> torch.Tensor:
+        """``(N, 1, size, size)`` on the CPU: the same numbers on every device."""
+        return torch.stack([torch.randn((1, self._size, self._size), generator=g) for g in self._generators])
+
+
 def initial_noise(seeds: Sequence[int], size: int) -> torch.Tensor:
     """``(N, 1, size, size)`` standard normal noise, image ``i`` drawn from ``seeds[i]`` alone."""
-    return torch.stack([torch.randn((1, size, size), generator=torch.Generator().manual_seed(int(s))) for s in seeds])
+    return ImageNoise(seeds, size).draw()
+
+
+def ddim_step(scheduler: DDIMScheduler, eps: torch.Tensor, t: int, x: torch.Tensor, eta: float,
+              noise: torch.Tensor | None = None) -> torch.Tensor:
+    """One DDIM step from ``x`` at ``t``: MONAI's ``DDIMScheduler.step`` with the noise passed in.
+
+    MONAI draws a stochastic step's noise for the whole batch from one generator; taking it
+    from the caller keeps each image's noise its own. With ``eta = 0`` the result is exactly
+    MONAI's (tests/server/test_sampler.py checks both cases against it).
+    """
+    if eta == 0:
+        return scheduler.step(eps, t, x)[0]
+    if noise is None:
+        raise ValueError("a stochastic DDIM step (eta > 0) needs its noise")
+    prev = t - scheduler.num_train_timesteps // scheduler.num_inference_steps
+    alpha = scheduler.alphas_cumprod[t]
+    alpha_prev = scheduler.alphas_cumprod[prev] if prev >= 0 else scheduler.final_alpha_cumprod
+    x0 = (x - (1 - alpha) ** 0.5 * eps) / alpha ** 0.5
+    if scheduler.clip_sample:
+        x0 = x0.clamp(*scheduler.clip_sample_values)
+    std = eta * ((1 - alpha_prev) / (1 - alpha) * (1 - alpha / alpha_prev)) ** 0.5
+    return alpha_prev ** 0.5 * x0 + (1 - alpha_prev - std ** 2) ** 0.5 * eps + std * noise
 
 
 @torch.no_grad()
@@ -74,8 +120,12 @@ def sample_images(
     guidance: float = 1.0,
     batch_size: int = 32,
     progress: bool = True,
+    eta: float = DEFAULT_ETA,
 ) -> np.ndarray:
     """Generate one image per (label, seed).
+
+    Args:
+        eta: noise of each DDIM step, 0 (deterministic) to 1 (ancestral); see the module docstring.
 
     Returns:
         ``(N, H, W)`` float32 images in [-1, 1].
@@ -84,6 +134,8 @@ def sample_images(
         raise ValueError(f"got {len(labels)} labels but {len(seeds)} seeds")
     if guidance < 0:
         raise ValueError(f"guidance must be >= 0, got {guidance}")
+    if not 0 <= eta <= 1:
+        raise ValueError(f"eta must be in [0, 1], got {eta}")
     device = next(model.parameters()).device
     size = cfg.data.image_size
     out = np.empty((len(labels), size, size), dtype=np.float32)
@@ -92,11 +144,12 @@ def sample_images(
     for start in batches:
         stop = min(start + batch_size, len(labels))
         scheduler = build_ddim_sampler(cfg.diffusion, steps)
-        x = initial_noise(seeds[start:stop], size).to(device)
+        noise = ImageNoise(seeds[start:stop], size)
+        x = noise.draw().to(device)
         y = torch.as_tensor(list(labels[start:stop]), dtype=torch.long, device=device)
         for t in scheduler.timesteps:
             eps = guided_eps(model, x, int(t), y, cfg.model.null_class, guidance)
-            x, _ = scheduler.step(eps, int(t), x)
+            x = ddim_step(scheduler, eps, int(t), x, eta, noise.draw().to(device) if eta > 0 else None)
             bar.update(stop - start)
         out[start:stop] = x.clamp(-1, 1)[:, 0].float().cpu().numpy()
     bar.close()

@@ -27,7 +27,7 @@ from common.images import to_uint8, write_png
 from common.model import pick_device
 from common.nifti import write_nifti_slice
 from server.model_card import MODEL_CARD, write_model_card
-from server.sampler import build_sampling_model, sample_images, sampling_weights
+from server.sampler import DEFAULT_ETA, build_sampling_model, sample_images, sampling_weights
 
 MANIFEST = "manifest.json"
 CONTACT_SHEET = "contact_sheet.png"
@@ -41,6 +41,7 @@ class SampleRequest:
     classes: tuple[str, ...] = ()
     steps: int = 50
     guidance: float = 1.0
+    eta: float = DEFAULT_ETA
     seed: int = 0
     batch_size: int = 32
     overwrite: bool = False
@@ -92,18 +93,27 @@ def generate_synthetic_set(req: SampleRequest, progress: bool = True) -> dict:
     Returns:
         The manifest that was written.
     """
-    if req.num < 1:
-        raise ConfigError(f"--num must be >= 1, got {req.num}")
+    checks = [(req.num >= 1, f"--num must be >= 1, got {req.num}"),
+              (req.steps >= 1, f"--steps must be >= 1, got {req.steps}"),
+              (req.guidance >= 0, f"--guidance must be >= 0, got {req.guidance}"),
+              (0 <= req.eta <= 1, f"--eta must be in [0, 1], got {req.eta}"),
+              (req.batch_size >= 1, f"--batch-size must be >= 1, got {req.batch_size}")]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
     if (req.out / MANIFEST).exists() and not req.overwrite:
         raise ConfigError(f"{req.out} already holds a synthetic set ({MANIFEST}); choose another --out or pass --overwrite")
     ckpt = load_checkpoint(req.checkpoint)
     cfg = ckpt.config
+    if req.steps > cfg.diffusion.num_train_timesteps:
+        raise ConfigError(f"--steps {req.steps} is more than the {cfg.diffusion.num_train_timesteps} timesteps "
+                          "the model was trained with")
     labels = plan_labels(cfg.model.classes, req.classes, req.num)
     seeds = [req.seed + i for i in range(req.num)]
     arrays, weights = sampling_weights(ckpt, req.weights, str(req.checkpoint))
     model = build_sampling_model(cfg, arrays, pick_device())
     started = time.time()
-    images = sample_images(cfg, model, labels, seeds, req.steps, req.guidance, req.batch_size, progress)
+    images = sample_images(cfg, model, labels, seeds, req.steps, req.guidance, req.batch_size, progress, req.eta)
     seconds = time.time() - started
 
     entries = []
@@ -116,7 +126,7 @@ def generate_synthetic_set(req: SampleRequest, progress: bool = True) -> dict:
         write_nifti_slice(req.out / f"{stem}.nii.gz", image, cfg.data.pixel_spacing_mm)
         write_png(req.out / f"{stem}.png", image)
         entries.append({"file": f"{stem}.nii.gz", "png": f"{stem}.png", "class": name, "seed": seed,
-                        "steps": req.steps, "guidance": req.guidance})
+                        "steps": req.steps, "guidance": req.guidance, "eta": req.eta})
     write_contact_sheet(req.out / CONTACT_SHEET, images, [cfg.model.classes[i] for i in labels])
     manifest = {
         "checkpoint": str(Path(req.checkpoint).resolve()),
@@ -131,6 +141,7 @@ def generate_synthetic_set(req: SampleRequest, progress: bool = True) -> dict:
         "pixel_spacing_mm": cfg.data.pixel_spacing_mm,
         "steps": req.steps,
         "guidance": req.guidance,
+        "eta": req.eta,
         "seed": req.seed,
         "sampling_seconds": round(seconds, 3),
         "contact_sheet": CONTACT_SHEET,

@@ -11,10 +11,11 @@ import pytest
 import torch
 from PIL import Image
 
-from common.checkpoint import Checkpoint, file_sha256, save_checkpoint
+from common.checkpoint import Checkpoint, file_sha256, load_checkpoint, save_checkpoint
 from common.config import FedsynthConfig, config_from_dict
-from common.model import build_unet, trainable_state
+from common.model import build_ddim_sampler, build_unet, trainable_state
 from server.cli import main as cli_main
+from server.sampler import build_sampling_model, ddim_step, sample_images
 from server.synthetic_set import SampleRequest, generate_synthetic_set
 from tests.conftest import tiny_federation
 
@@ -40,7 +41,7 @@ def test_files_read_back_with_nibabel(checkpoint: Path, tmp_path: Path) -> None:
     assert len(manifest["images"]) == 4
     assert {e["class"] for e in manifest["images"]} == {"disc", "ring"}
     for entry in manifest["images"]:
-        assert set(entry) >= {"file", "png", "class", "seed", "steps", "guidance"}
+        assert set(entry) >= {"file", "png", "class", "seed", "steps", "guidance", "eta"}
         img = nib.load(tmp_path / "s" / entry["file"])
         data = np.asarray(img.dataobj)
         assert data.shape == (16, 16, 1)
@@ -81,6 +82,10 @@ def test_cli_errors_are_clear_and_nothing_is_overwritten(checkpoint: Path, tmp_p
     out = tmp_path / "s"
     assert cli_main(["sample", "--checkpoint", str(checkpoint), "--num", "2", "--steps", "3", "--out", str(out)]) == 0
     before = (out / "manifest.json").read_bytes()
+    assert json.loads(before)["eta"] == 1.0  # the sampler's default
+    assert cli_main(["sample", "--checkpoint", str(checkpoint), "--num", "2", "--steps", "3", "--eta", "0",
+                     "--out", str(tmp_path / "d")]) == 0
+    assert json.loads((tmp_path / "d" / "manifest.json").read_text())["eta"] == 0.0
     assert cli_main(["sample", "--checkpoint", str(checkpoint), "--num", "2", "--out", str(out)]) == 2
     assert "already holds a synthetic set" in capsys.readouterr().err
     assert (out / "manifest.json").read_bytes() == before
@@ -88,6 +93,45 @@ def test_cli_errors_are_clear_and_nothing_is_overwritten(checkpoint: Path, tmp_p
     assert "'cube' is not a class of this checkpoint" in capsys.readouterr().err
     assert cli_main(["sample", "--checkpoint", str(tmp_path / "none.pt"), "--num", "2", "--out", str(tmp_path / "y")]) == 2
     assert "checkpoint not found" in capsys.readouterr().err
+    for flag, value, message in [("--eta", "1.5", "--eta must be in [0, 1], got 1.5"),
+                                  ("--steps", "0", "--steps must be >= 1, got 0"),
+                                  ("--steps", "101", "--steps 101 is more than the 100 timesteps"),
+                                  ("--guidance", "-1", "--guidance must be >= 0, got -1.0")]:
+        args = ["sample", "--checkpoint", str(checkpoint), "--num", "2", flag, value, "--out", str(out), "--overwrite"]
+        assert cli_main(args) == 2
+        assert message in capsys.readouterr().err
+        assert (out / "manifest.json").read_bytes() == before
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.3, 1.0])
+def test_ddim_step_is_monais_step_with_the_noise_passed_in(eta: float) -> None:
+    cfg = config_from_dict(FedsynthConfig, tiny_federation(Path("unused")), "test")
+    scheduler = build_ddim_sampler(cfg.diffusion, 7)
+    gen = torch.Generator().manual_seed(3)
+    x, eps = torch.randn((3, 1, 8, 8), generator=gen), torch.randn((3, 1, 8, 8), generator=gen)
+    for t in scheduler.timesteps.tolist():  # the last step (t = 0) uses the final alpha of 1
+        expected, _ = scheduler.step(eps, t, x, eta=eta, generator=torch.Generator().manual_seed(11))
+        noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(11))
+        got = ddim_step(scheduler, eps, t, x, eta, noise if eta > 0 else None)
+        torch.testing.assert_close(got, expected)
+
+
+def test_stochastic_sampling_depends_on_each_image_seed_alone(checkpoint: Path) -> None:
+    ckpt = load_checkpoint(checkpoint)
+    model = build_sampling_model(ckpt.config, ckpt.arrays, torch.device("cpu"))
+    labels, seeds = [0, 1, 0, 1, 0], [5, 6, 7, 8, 9]
+
+    def run(batch_size: int, eta: float, some_seeds: list[int] = seeds) -> np.ndarray:
+        return sample_images(ckpt.config, model, labels[:len(some_seeds)], some_seeds, steps=4, guidance=2.0,
+                             batch_size=batch_size, progress=False, eta=eta)
+
+    together = run(5, 1.0)
+    # other batch-mates, the same images (to float rounding: a convolution's sums depend on the batch size)
+    np.testing.assert_allclose(together, run(2, 1.0), atol=1e-4)
+    np.testing.assert_allclose(together[:2], run(5, 1.0, seeds[:2]), atol=1e-4)
+    deterministic = run(5, 0.0)
+    assert not np.allclose(together, deterministic)  # the steps' noise is really added
+    assert not np.allclose(together, run(5, 1.0, [s + 100 for s in seeds]))
 
 
 def test_contact_sheet_rows_carry_their_class_names(tmp_path: Path) -> None:
