@@ -49,7 +49,7 @@ from server.evaluation.image_sets import ImageSet  # noqa: E402
 from common.config import SERVER_OPTIMIZERS  # noqa: E402
 from common.errors import ConfigError  # noqa: E402
 from common.fileio import write_bytes_atomic, write_json_atomic  # noqa: E402
-from server.sampler import DEFAULT_ETA  # noqa: E402
+from server.sampler import DEFAULT_ETA, sampling_problem  # noqa: E402
 
 # The recipe every preset shares (issue 11): EMA of the global weights over rounds (per step for central
 # rows and pretraining), AdamW kept across rounds at each site, a short warm-up, K = 2 noise draws per
@@ -229,9 +229,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.workers < 1 or args.threads < 1:
         print("quality benchmark: --workers and --threads must be at least 1", file=sys.stderr)
         return 2
-    if not 0 <= args.eta <= 1:
-        print(f"quality benchmark: --eta must be in [0, 1], got {args.eta}", file=sys.stderr)
-        return 2
     torch.set_num_threads(args.threads)
     preset = PRESETS[args.preset]
     model: ModelPreset = dataclasses.replace(preset["model"], **{k: v for k, v in (("rounds", args.rounds),
@@ -248,9 +245,13 @@ def main(argv: list[str] | None = None) -> int:
         options = tuple((k, float(v)) for k, v in (o.split("=", 1) for o in args.server_option))
         model = dataclasses.replace(model, server_optimizer=args.server_optimizer, server_options=options,
                                     ema_decay=model.ema_decay if args.ema_decay is None else args.ema_decay)
-        federation_config(model, ("a",), args.out, 1, dp=False)  # the federation config's own checks, now
+        cfg = federation_config(model, ("a",), args.out, 1, dp=False)  # the federation config's own checks, now
     except (ValueError, ConfigError) as err:
         print(f"quality benchmark: --server-optimizer/--ema-decay/--server-option: {err}", file=sys.stderr)
+        return 2
+    problem = sampling_problem(args.steps, args.guidance, args.eta, cfg.diffusion.num_train_timesteps)
+    if problem:  # now, not after the training it would follow
+        print(f"quality benchmark: {problem}", file=sys.stderr)
         return 2
     run_dir = args.out / time.strftime("run-%Y%m%d-%H%M%S")  # fresh privacy ledgers every time
     started = time.time()

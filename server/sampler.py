@@ -70,6 +70,23 @@ class ImageNoise:
         return torch.stack([torch.randn((1, self._size, self._size), generator=g) for g in self._generators])
 
 
+def sampling_problem(steps: int, guidance: float, eta: float, num_train_timesteps: int) -> str | None:
+    """What is wrong with these sampling settings, named as ``fedsynth sample``'s flags; None if nothing.
+
+    One check for every caller: the CLI and the benchmark ask before any work, ``sample_images``
+    once more for callers that did not.
+    """
+    if steps < 1:
+        return f"--steps must be >= 1, got {steps}"
+    if steps > num_train_timesteps:
+        return f"--steps {steps} is more than the {num_train_timesteps} timesteps the model was trained with"
+    if not guidance >= 0:
+        return f"--guidance must be >= 0, got {guidance}"
+    if not 0 <= eta <= 1:
+        return f"--eta must be in [0, 1], got {eta}"
+    return None
+
+
 def initial_noise(seeds: Sequence[int], size: int) -> torch.Tensor:
     """``(N, 1, size, size)`` standard normal noise, image ``i`` drawn from ``seeds[i]`` alone."""
     return ImageNoise(seeds, size).draw()
@@ -132,10 +149,9 @@ def sample_images(
     """
     if len(labels) != len(seeds):
         raise ValueError(f"got {len(labels)} labels but {len(seeds)} seeds")
-    if guidance < 0:
-        raise ValueError(f"guidance must be >= 0, got {guidance}")
-    if not 0 <= eta <= 1:
-        raise ValueError(f"eta must be in [0, 1], got {eta}")
+    problem = sampling_problem(steps, guidance, eta, cfg.diffusion.num_train_timesteps)
+    if problem:
+        raise ValueError(problem)
     device = next(model.parameters()).device
     size = cfg.data.image_size
     out = np.empty((len(labels), size, size), dtype=np.float32)

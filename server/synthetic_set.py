@@ -27,7 +27,7 @@ from common.images import to_uint8, write_png
 from common.model import pick_device
 from common.nifti import write_nifti_slice
 from server.model_card import MODEL_CARD, write_model_card
-from server.sampler import DEFAULT_ETA, build_sampling_model, sample_images, sampling_weights
+from server.sampler import DEFAULT_ETA, build_sampling_model, sample_images, sampling_problem, sampling_weights
 
 MANIFEST = "manifest.json"
 CONTACT_SHEET = "contact_sheet.png"
@@ -94,9 +94,6 @@ def generate_synthetic_set(req: SampleRequest, progress: bool = True) -> dict:
         The manifest that was written.
     """
     checks = [(req.num >= 1, f"--num must be >= 1, got {req.num}"),
-              (req.steps >= 1, f"--steps must be >= 1, got {req.steps}"),
-              (req.guidance >= 0, f"--guidance must be >= 0, got {req.guidance}"),
-              (0 <= req.eta <= 1, f"--eta must be in [0, 1], got {req.eta}"),
               (req.batch_size >= 1, f"--batch-size must be >= 1, got {req.batch_size}")]
     for ok, message in checks:
         if not ok:
@@ -105,9 +102,9 @@ def generate_synthetic_set(req: SampleRequest, progress: bool = True) -> dict:
         raise ConfigError(f"{req.out} already holds a synthetic set ({MANIFEST}); choose another --out or pass --overwrite")
     ckpt = load_checkpoint(req.checkpoint)
     cfg = ckpt.config
-    if req.steps > cfg.diffusion.num_train_timesteps:
-        raise ConfigError(f"--steps {req.steps} is more than the {cfg.diffusion.num_train_timesteps} timesteps "
-                          "the model was trained with")
+    problem = sampling_problem(req.steps, req.guidance, req.eta, cfg.diffusion.num_train_timesteps)
+    if problem:
+        raise ConfigError(problem)
     labels = plan_labels(cfg.model.classes, req.classes, req.num)
     seeds = [req.seed + i for i in range(req.num)]
     arrays, weights = sampling_weights(ckpt, req.weights, str(req.checkpoint))
