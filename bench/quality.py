@@ -60,23 +60,23 @@ PRESETS = {
     # (sized from measured step times, docs/benchmarks.md): the README's "tiny" UNet at 32 px
     "cpu": dict(model=ModelPreset(image_size=32, channels=(16, 32, 32), rounds=10, local_steps=10, batch_size=32,
                                   learning_rate=1e-3, central_ema_decay=0.99, pretrain_steps=1000, **RECIPE),
-                samples=400, sweep_samples=200, classifier_steps=400),
+                samples=400, sweep_samples=200, classifier_steps=400, classifier_repeats=3),
     # the same with 4x the steps (well over an hour on 2 CPU cores)
     "cpu-long": dict(model=ModelPreset(image_size=32, channels=(16, 32, 32), rounds=60, local_steps=10, batch_size=32,
                                        learning_rate=1e-3, central_ema_decay=0.995, pretrain_steps=6000,
                                        **{**RECIPE, "ema_decay": 0.9}),
-                     samples=400, sweep_samples=200, classifier_steps=400),
+                     samples=400, sweep_samples=200, classifier_steps=400, classifier_repeats=3),
     # The independent DDPM's budget for one model (UNet (32, 64, 64), 1.1M parameters, batch 64,
     # about 2,100 steps, EMA 0.999): meant for `--runs central`, to tell the recipe from the compute.
     "cpu-reference": dict(model=ModelPreset(image_size=32, channels=(32, 64, 64), rounds=54, local_steps=10,
                                             batch_size=64, learning_rate=1e-3, central_ema_decay=0.999,
                                             pretrain_steps=2160, **RECIPE),
-                          samples=400, sweep_samples=200, classifier_steps=400),
+                          samples=400, sweep_samples=200, classifier_steps=400, classifier_repeats=3),
     # one GPU: 64 px, a 4.6M-parameter UNet, 16x the cpu preset's optimiser steps
     "gpu": dict(model=ModelPreset(image_size=64, channels=(64, 128, 128), rounds=40, local_steps=60, batch_size=64,
                                   learning_rate=5e-4, head_channels=16, central_ema_decay=0.999, pretrain_steps=8000,
                                   dp_batch_sizes=(32, 64, 128, 256), **{**RECIPE, "ema_decay": 0.9}),
-                samples=1000, sweep_samples=400, classifier_steps=800),
+                samples=1000, sweep_samples=400, classifier_steps=800, classifier_repeats=3),
 }
 GUIDANCE_SWEEP = (0.0, 1.0, 3.0, 5.0)
 STEPS_SWEEP = (10, 25, 50)
@@ -109,6 +109,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--pretrain-steps", type=int, help="override the preset's public pretraining steps (a reduced run)")
     p.add_argument("--samples", type=int, help="override the number of images sampled per model")
     p.add_argument("--sweep-samples", type=int, help="override the number of images per sweep point")
+    p.add_argument("--classifier-repeats", type=int,
+                   help="override the TSTR/TRTR classifiers per image set (mean and SD reported; fewer = a reduced run)")
     p.add_argument("--steps", type=int, default=50, help="DDIM steps for the main comparison")
     p.add_argument("--guidance", type=float, default=1.0, help="guidance for the main comparison")
     p.add_argument("--eta", type=float, default=DEFAULT_ETA,
@@ -236,7 +238,15 @@ def main(argv: list[str] | None = None) -> int:
                                                                                     ("pretrain_steps", args.pretrain_steps)) if v})
     samples = args.samples or preset["samples"]
     sweep_samples = args.sweep_samples or preset["sweep_samples"]
+    repeats = preset["classifier_repeats"] if args.classifier_repeats is None else args.classifier_repeats
+    try:
+        eval_settings = EvaluationSettings(classifier=ClassifierSettings(steps=preset["classifier_steps"], seed=args.seed),
+                                           seed=args.seed, classifier_repeats=repeats)
+    except ConfigError as err:
+        print(f"quality benchmark: {err}", file=sys.stderr)
+        return 2
     reduced = (model != preset["model"] or samples != preset["samples"] or sweep_samples != preset["sweep_samples"]
+               or repeats < preset["classifier_repeats"]
                or set(requested) != set(RUNS))
     try:  # the server's recipe is a choice of the run, not a reduction of the preset
         bad = [o for o in args.server_option if "=" not in o]
@@ -256,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = args.out / time.strftime("run-%Y%m%d-%H%M%S")  # fresh privacy ledgers every time
     started = time.time()
     result: dict = {"preset": args.preset, "reduced": reduced, "requested_runs": requested, "model": dataclasses.asdict(model), "samples": samples,
-                    "sampling": {"steps": args.steps, "guidance": args.guidance, "eta": args.eta},
+                    "classifier_repeats": repeats, "sampling": {"steps": args.steps, "guidance": args.guidance, "eta": args.eta},
                     "machine": {**machine(), "workers": args.workers}, "runs": {}}
 
     slices = load_slices(args.data, model.image_size, args.out / "cache")
@@ -273,16 +283,17 @@ def main(argv: list[str] | None = None) -> int:
         for v in plans.values():
             print(f"DP {v.method}: expected batch {v.batch_size}, noise multiplier {v.noise_multiplier:.3f}, "
                   f"max epsilon {max(s['epsilon'] for s in v.per_site.values()):.2f}")
-    eval_settings = EvaluationSettings(classifier=ClassifierSettings(steps=preset["classifier_steps"], seed=args.seed),
-                                       seed=args.seed)
     inputs = BenchmarkInputs(
         model=model, sites=sites, central=site_slices(slices, train_index, split.groups),
         public=site_slices(slices, split.public, split.groups), plans=plans, real_test=image_set(slices, split.validation, "validation split"),
         real_train=image_set(slices, train_index, "all hospitals"), evaluation=eval_settings, run_dir=run_dir,
         epsilon=args.epsilon, delta=args.delta, seed=args.seed, threads=args.threads, eta=args.eta)
-    # The feature network is the same for every job: trained once here, not once per worker.
-    load_or_train(inputs.real_train.images, inputs.real_train.labels, slices.classes, eval_settings.classifier,
-                  run_dir / "classifier-cache", progress=True, desc="feature network")
+    # The feature network (the first TRTR classifier) and the other TRTR classifiers are the same for
+    # every job: trained once here, not once per worker.
+    for i in range(repeats):
+        load_or_train(inputs.real_train.images, inputs.real_train.labels, slices.classes,
+                      dataclasses.replace(eval_settings.classifier, seed=args.seed + i), run_dir / "classifier-cache",
+                      progress=True, desc="feature network" if i == 0 else f"TRTR classifier {i + 1}/{repeats}")
     run_jobs(inputs, args, samples, sweep_samples, result)
     result["total_seconds"] = round(time.time() - started, 1)
     write_json_atomic(args.out / "quality.json", result)

@@ -115,16 +115,17 @@ def _train(spec: RunSpec) -> tuple[TrainOutcome, Checkpoint]:
                       "seed": _inputs.seed, "seconds": round(out.seconds, 3)}
         cfg = federation_config(p, classes, run / spec.name, 1, False)
         return out, Checkpoint(cfg, out.arrays, 0, provenance=provenance)
-    if spec.kind == "central":
-        out = train_central(p, _inputs.central, len(_inputs.sites), run / spec.name, on_round=report)
-        cfg = federation_config(p, classes, run / spec.name, 1, False)
-        return out, Checkpoint(cfg, out.arrays, p.rounds, provenance={"init": init_record(cfg)})
-    recipe = _recipe(spec)
     initial, init_path, init = None, "", None
     if spec.pretrained:
         init_path = str(pretrained_path())
         init = load_checkpoint(init_path)
         initial = init.arrays
+    if spec.kind == "central":
+        out = train_central(p, _inputs.central, len(_inputs.sites), run / spec.name, on_round=report, label=spec.name,
+                            initial=initial)
+        cfg = federation_config(p, classes, run / spec.name, 1, False, init_checkpoint=init_path)
+        return out, Checkpoint(cfg, out.arrays, p.rounds, provenance={"init": init_record(cfg, init)})
+    recipe = _recipe(spec)
     out = train_federated(p, _inputs.sites, run / spec.name, spec.dp, _inputs.epsilon, _inputs.delta, label=spec.name,
                           on_round=report, recipe=recipe, initial=initial, init_checkpoint=init_path)
     cfg = federation_config(p, classes, run / spec.name, p.local_steps, spec.dp, recipe=recipe, init_checkpoint=init_path)

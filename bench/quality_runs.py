@@ -1,8 +1,10 @@
 """The quality benchmark's rows: what each trains (or scores), and what each depends on.
 
-Main rows: central no-DP, federated no-DP, federated + DP from scratch, federated + DP from public
-pretraining (all parameters, and ``training.trainable: efficient``), and ``public_only`` (the
-pretrained checkpoint itself, so a reader sees what the hospitals' data added).
+Main rows: central no-DP and federated no-DP, each from scratch and from public pretraining,
+federated + DP from scratch, federated + DP from public pretraining (all parameters, and
+``training.trainable: efficient``), and ``public_only`` (the pretrained checkpoint itself, so a
+reader sees what the hospitals' data added). Federated no-DP from pretraining against federated +
+DP from pretraining is what DP costs, with everything else equal.
 
 Ablation rows each take one ingredient away from "federated + DP from pretraining": its EMA (the
 same run's raw global weights, scored: no extra training), the kept optimiser state
@@ -43,6 +45,8 @@ SPECS = (
     RunSpec(PUBLIC_ONLY, "pretrain", "public only (pretrained, no hospital data)"),
     RunSpec("central", "central", "central, no DP"),
     RunSpec("federated", "federated", "federated, no DP"),
+    RunSpec("central_pretrained", "central", "central, no DP, from pretraining", pretrained=True),
+    RunSpec("federated_pretrained", "federated", "federated, no DP, from pretraining", pretrained=True),
     RunSpec(SCRATCH, "federated", "federated + DP, from scratch", dp=True),
     RunSpec(FULL, "federated", "federated + DP, from pretraining", dp=True, pretrained=True),
     RunSpec("federated_dp_pretrained_efficient", "federated", "federated + DP, from pretraining, trainable: efficient",

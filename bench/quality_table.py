@@ -5,8 +5,8 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
-MAIN_COLUMNS = ("run", "FID", "FID per class (g/m/n/p)", "hist W1", "MS-SSIM syn", "TSTR", "TSTR bal.", "mem <p1",
-                "nearest-train median", "max eps", "batch / sigma / K", "train s", "sample s")
+MAIN_COLUMNS = ("run", "FID", "FID per class (g/m/n/p)", "hist W1", "MS-SSIM syn", "TSTR", "TSTR bal. (± SD over classifiers)",
+                "mem <p1", "nearest-train median", "max eps", "batch / sigma / K", "train s", "sample s")
 ABLATION_COLUMNS = ("federated + DP from pretraining", "FID", "Δ FID", "TSTR bal.", "Δ TSTR bal.", "mem <p1",
                     "nearest-train median", "max eps", "batch / sigma / K")
 SWEEP_COLUMNS = ("guidance", "DDIM steps", "FID", "MS-SSIM syn", "TSTR", "TSTR bal.", "mem <p1", "sample s")
@@ -17,6 +17,7 @@ def summarise(report: dict) -> dict:
     return {"fid": fid["fid"], "fid_per_class": fid["fid_per_class"], "histogram_w1": fid["histogram_distance"],
             "ms_ssim_synthetic": div["ms_ssim_synthetic"], "ms_ssim_real": div["ms_ssim_real"],
             "tstr_accuracy": util["tstr_accuracy"], "tstr_balanced_accuracy": util["tstr_balanced_accuracy"],
+            "tstr_balanced_sd": util.get("tstr_balanced_accuracy_sd"), "classifier_repeats": util.get("classifier_repeats", 1),
             "trtr_accuracy": util.get("trtr_accuracy"), "ratio": util.get("ratio"),
             "fraction_below_p1": mem.get("fraction_below_p1"), "baseline_p1": mem.get("baseline_p1"),
             "nearest_train_median": _median(mem)}
@@ -33,7 +34,13 @@ def _f(value: object, digits: int = 3) -> str:
     return "–" if value is None else f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
 
-MAIN = ("public_only", "central", "federated", "federated_dp", "federated_dp_pretrained", "federated_dp_pretrained_efficient")
+def _balanced(s: dict) -> str:
+    """Balanced TSTR, with its SD over the classifier seeds when there were several."""
+    sd = s.get("tstr_balanced_sd")
+    return _f(s["tstr_balanced_accuracy"]) + ("" if sd is None else f" ± {sd:.3f}")
+
+
+MAIN = ("public_only", "central", "federated", "central_pretrained", "federated_pretrained", "federated_dp", "federated_dp_pretrained", "federated_dp_pretrained_efficient")
 ABLATIONS = ("ablation_no_ema", "ablation_restart", "ablation_k1", "ablation_no_planner")
 
 
@@ -54,7 +61,7 @@ def _main_rows(result: dict) -> list[list[str]]:
         s = run["summary"]
         per_class = "/".join(_f(v, 1) for v in s["fid_per_class"].values())
         rows.append([run.get("title", name), _f(s["fid"], 2), per_class, _f(s["histogram_w1"]), _f(s["ms_ssim_synthetic"]),
-                     _f(s["tstr_accuracy"]), _f(s["tstr_balanced_accuracy"]), _f(s["fraction_below_p1"]),
+                     _f(s["tstr_accuracy"]), _balanced(s), _f(s["fraction_below_p1"]),
                      _f(s.get("nearest_train_median")), _eps(run), _setting(run), _f(run["train_seconds"], 0),
                      _f(run["sample_seconds"], 0)])
     return rows
@@ -71,7 +78,7 @@ def _ablation_rows(result: dict) -> list[list[str]]:
         s = run["summary"]
         d_fid = s["fid"] - base["fid"]
         d_tstr = s["tstr_balanced_accuracy"] - base["tstr_balanced_accuracy"]
-        return [label, _f(s["fid"], 2), f"{d_fid:+.2f}", _f(s["tstr_balanced_accuracy"]), f"{d_tstr:+.3f}",
+        return [label, _f(s["fid"], 2), f"{d_fid:+.2f}", _balanced(s), f"{d_tstr:+.3f}",
                 _f(s["fraction_below_p1"]), _f(s.get("nearest_train_median")), _eps(run), _setting(run)]
 
     rows = [row("full recipe", full)]
@@ -83,7 +90,7 @@ def _ablation_rows(result: dict) -> list[list[str]]:
 
 def _sweep_rows(result: dict) -> list[list[str]]:
     return [[_f(r["guidance"], 1), str(r["steps"]), _f(r["summary"]["fid"]), _f(r["summary"]["ms_ssim_synthetic"]),
-             _f(r["summary"]["tstr_accuracy"]), _f(r["summary"]["tstr_balanced_accuracy"]),
+             _f(r["summary"]["tstr_accuracy"]), _balanced(r["summary"]),
              _f(r["summary"]["fraction_below_p1"]), _f(r["sample_seconds"], 0)] for r in result.get("sweep", {}).get("rows", [])]
 
 

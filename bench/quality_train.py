@@ -287,7 +287,8 @@ def _train_with_server_strategy(cfg: FedsynthConfig, p: ModelPreset, sites: dict
 
 def train_central(p: ModelPreset, slices: SiteSlices, num_sites: int, state_root: Path,
                   on_round: RoundReporter | None = None, steps: int | None = None, batch_size: int | None = None,
-                  ema_decay: float | None = None, label: str = "central") -> TrainOutcome:
+                  ema_decay: float | None = None, label: str = "central",
+                  initial: dict[str, np.ndarray] | None = None) -> TrainOutcome:
     """No DP, all data in one place: ``server.pretrain.train_central`` (the recipe of ``fedsynth pretrain``).
 
     By default ``rounds * local_steps * num_sites`` steps, the federated rows' total, reported
@@ -304,7 +305,7 @@ def train_central(p: ModelPreset, slices: SiteSlices, num_sites: int, state_root
     reported: list[float] = []
 
     metrics = state_root / f"{label}.metrics.jsonl"
-    arrays, rows = train_central_steps(cfg, slices.images, slices.labels, settings, metrics_file=metrics)
+    arrays, rows = train_central_steps(cfg, slices.images, slices.labels, settings, metrics_file=metrics, initial=initial)
     for n, row in enumerate(rows, 1):
         reported.append(row["loss"])
         if on_round is not None:

@@ -39,6 +39,7 @@ from common.model import (
     build_train_scheduler,
     build_unet,
     drop_labels,
+    load_trainable_state,
     pick_device,
 )
 from server.pretrain_data import NEAR_DUPLICATE_R, PublicData, load_public_data
@@ -136,8 +137,9 @@ class CentralSettings:
 
 
 def train_central(cfg: FedsynthConfig, images: np.ndarray, labels: np.ndarray, s: CentralSettings,
-                  metrics_file: Path | None = None, progress: bool = False) -> tuple[dict[str, np.ndarray], list[dict]]:
-    """Train a fresh UNet on ``images`` (``(N, 1, S, S)`` in [-1, 1]) and ``labels`` without DP.
+                  metrics_file: Path | None = None, progress: bool = False,
+                  initial: dict[str, np.ndarray] | None = None) -> tuple[dict[str, np.ndarray], list[dict]]:
+    """Train a UNet, fresh or from ``initial`` (e.g. a pretrained checkpoint's weights), on ``images`` (``(N, 1, S, S)`` in [-1, 1]) and ``labels`` without DP.
 
     Every ``s.log_every`` steps (and after the last) one row is logged (and appended to
     ``metrics_file``): ``step``, ``loss`` (mean training loss of the chunk), ``ema`` (the loss, with
@@ -153,6 +155,8 @@ def train_central(cfg: FedsynthConfig, images: np.ndarray, labels: np.ndarray, s
     device = pick_device()
     torch.manual_seed(s.seed)  # the initial weights, as the ServerApp seeds its random start
     model = build_unet(cfg.model)
+    if initial is not None:
+        load_trainable_state(model, initial)
     names = [name for name, p in model.named_parameters() if p.requires_grad]
     model.to(device).train()
     amp_dtype = autocast_dtype(cfg.training.mixed_precision, device)

@@ -33,6 +33,11 @@ class EvaluationSettings:
     max_pairs_per_class: int = 400
     top_pairs: int = 8
     seed: int = 0
+    classifier_repeats: int = 1  # TSTR/TRTR classifiers per set (seeds seed, seed + 1, ...): their mean and SD
+
+    def __post_init__(self) -> None:
+        if self.classifier_repeats < 1:
+            raise ConfigError(f"--classifier-repeats must be at least 1, got {self.classifier_repeats}")
 
 
 def evaluate_sets(synthetic: ImageSet, real_test: ImageSet, real_train: ImageSet | None = None,
@@ -74,7 +79,8 @@ def evaluate_sets(synthetic: ImageSet, real_test: ImageSet, real_train: ImageSet
                  "kernel_size": div_s["kernel_size"], "weights": div_s["weights"]}
     stages.update()
     stages.set_postfix_str("utility")
-    utility = utility_report(synthetic, real_test, real_train, settings.classifier, cache_dir, progress)
+    utility = utility_report(synthetic, real_test, real_train, settings.classifier, cache_dir, progress,
+                             settings.classifier_repeats)
     stages.update()
     figures = ReportFigures(synthetic, real_test, real_train)
     memorisation = None
@@ -97,7 +103,8 @@ def evaluate_sets(synthetic: ImageSet, real_test: ImageSet, real_train: ImageSet
                             "settings": asdict(settings.classifier)},
         "fidelity": fidelity, "diversity": diversity, "utility": utility, "memorisation": memorisation,
         "training": read_training_curves(run_dir) if run_dir is not None else None,
-        "settings": {"max_pairs_per_class": settings.max_pairs_per_class, "top_pairs": settings.top_pairs, "seed": settings.seed},
+        "settings": {"max_pairs_per_class": settings.max_pairs_per_class, "top_pairs": settings.top_pairs, "seed": settings.seed,
+                     "classifier_repeats": settings.classifier_repeats},
         "seconds": round(time.time() - started, 2),
     }
     return report, figures

@@ -91,6 +91,9 @@ def _summary_rows(report: dict) -> list[tuple[str, object]]:
             ("MS-SSIM within class, synthetic", div.get("ms_ssim_synthetic")),
             ("MS-SSIM within class, real", div.get("ms_ssim_real")),
             ("TSTR accuracy", util.get("tstr_accuracy")),
+            ("TSTR balanced accuracy", util.get("tstr_balanced_accuracy")),
+            (f"TSTR balanced accuracy, SD over {util.get('classifier_repeats', 1)} classifier seeds",
+             util.get("tstr_balanced_accuracy_sd")),
             ("TRTR accuracy", util.get("trtr_accuracy")),
             ("TSTR / TRTR", util.get("ratio")),
             ("majority-class accuracy", util.get("chance_accuracy"))]

@@ -42,7 +42,8 @@ def test_evaluate_cli_writes_complete_reports(sampler_output: Path, tmp_path: Pa
     argv = ["evaluate", "--synthetic", str(sampler_output), "--real-test", str(real_test), "--real-train", str(real_train),
             "--run", str(run), "--out", str(out), "--classifier-steps", "30", "--cache-dir", str(tmp_path / "cache")]
     assert cli_main(argv) == 0
-    assert "report.html" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "report.html" in printed and " ± " in printed and "SD over classifier seeds" in printed
 
     report = json.loads((out / "report.json").read_text())
     assert report["inputs"]["image_size"] == 16  # from the manifest
@@ -52,6 +53,9 @@ def test_evaluate_cli_writes_complete_reports(sampler_output: Path, tmp_path: Pa
     assert 0 < report["diversity"]["ms_ssim_synthetic"] <= 1 and 0 < report["diversity"]["ms_ssim_real"] <= 1
     util = report["utility"]
     assert {"tstr_accuracy", "trtr_accuracy", "ratio"} <= set(util)
+    assert util["classifier_repeats"] == 3 and [r["seed"] for r in util["tstr_runs"]] == [0, 1, 2]  # the CLI default
+    assert util["tstr_balanced_accuracy"] == pytest.approx(np.mean([r["balanced_accuracy"] for r in util["tstr_runs"]]))
+    assert util["tstr_balanced_accuracy_sd"] is not None and len(util["trtr_runs"]) == 3
     mem = report["memorisation"]
     assert 0 <= mem["fraction_below_p1"] <= 1 and mem["num_synthetic"] == 8 and mem["num_train"] == 16
     assert len(mem["closest_pairs"]) == 8
@@ -77,3 +81,13 @@ def test_evaluate_cli_errors_name_the_folder(tmp_path: Path, capsys: pytest.Capt
     (tmp_path / "bad" / "manifest.json").write_text("{not json")
     code = cli_main(["evaluate", "--synthetic", str(tmp_path / "bad"), "--real-test", str(real), "--out", str(tmp_path / "o")])
     assert code == 2 and "manifest.json: not a readable sampler manifest" in capsys.readouterr().err
+
+
+def test_evaluate_cli_refuses_no_classifier_and_writes_nothing(sampler_output: Path, tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture) -> None:
+    real = write_shapes_dataset(tmp_path / "real", per_class=3)
+    out = tmp_path / "o"
+    code = cli_main(["evaluate", "--synthetic", str(sampler_output), "--real-test", str(real), "--out", str(out),
+                     "--classifier-repeats", "0"])
+    assert code == 2 and "--classifier-repeats must be at least 1, got 0" in capsys.readouterr().err
+    assert not out.exists()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from common.errors import ConfigError
 from common.similarity import count_below, nearest_pearson
 from server.evaluation.classifier import ClassifierSettings, SliceClassifier, extract_features, load_or_train, train_classifier
 from server.evaluation.diversity import mean_pairwise_ms_ssim, ms_ssim_pairs, ms_ssim_settings
+from server.evaluation.evaluate import EvaluationSettings
 from server.evaluation.fidelity import frechet_distance, histogram_distances
 from server.evaluation.image_sets import ImageSet, load_image_set
 from server.evaluation.memorisation import memorisation_report
@@ -110,6 +112,26 @@ def test_tstr_on_separable_classes_beats_chance(real_sets: tuple[ImageSet, Image
     assert report["ratio"] == pytest.approx(1.0)  # same training set, same cached classifier
     noise = utility_report(_noise(32, seed=3), test, None, FAST, tmp_path)
     assert "trtr_accuracy" not in noise and noise["tstr_accuracy"] < report["tstr_accuracy"]
+
+
+def test_repeated_classifiers_report_each_seed_their_mean_and_sd(real_sets: tuple[ImageSet, ImageSet], tmp_path: Path) -> None:
+    train, test = real_sets
+    noisy = ImageSet(train.images + np.random.default_rng(5).normal(0, 2.5, train.images.shape).astype(np.float32),
+                     train.labels, train.classes, train.names, "noisy")  # hard enough that the seeds disagree
+    report = utility_report(noisy, test, train, FAST, tmp_path, repeats=3)
+    runs = report["tstr_runs"]
+    assert [r["seed"] for r in runs] == [FAST.seed, FAST.seed + 1, FAST.seed + 2]
+    assert len({r["classifier"] for r in runs}) == 3 and report["classifier_repeats"] == 3
+    alone = [utility_report(noisy, test, None, dataclasses.replace(FAST, seed=r["seed"]), tmp_path)["tstr_balanced_accuracy"]
+             for r in runs]
+    assert [r["balanced_accuracy"] for r in runs] == alone  # each repeat is that seed's own classifier
+    assert report["tstr_balanced_accuracy"] == pytest.approx(np.mean(alone))
+    assert report["tstr_balanced_accuracy_sd"] == pytest.approx(np.std(alone, ddof=1)) and len(set(alone)) > 1
+    assert report["trtr_balanced_accuracy_sd"] is not None and len(report["trtr_runs"]) == 3
+    single = utility_report(noisy, test, None, FAST, tmp_path)
+    assert single["tstr_balanced_accuracy_sd"] is None and single["tstr_balanced_accuracy"] == alone[0]
+    with pytest.raises(ConfigError, match="--classifier-repeats must be at least 1, got 0"):
+        EvaluationSettings(classifier=FAST, classifier_repeats=0)
 
 
 def test_memorisation_flags_copies_and_not_fresh_images(real_sets: tuple[ImageSet, ImageSet]) -> None:

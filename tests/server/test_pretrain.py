@@ -16,7 +16,8 @@ from common.checkpoint import load_checkpoint
 from common.errors import ConfigError, SiteDataError
 from common.model import pick_device
 from server.cli import main as cli_main
-from server.pretrain import PretrainRequest, WeightEMA, run_pretrain
+from common.config import load_federation_config
+from server.pretrain import CentralSettings, PretrainRequest, WeightEMA, run_pretrain, train_central
 from server.pretrain_data import data_digest, near_duplicates
 from server.sampler import build_sampling_model, sample_images
 from tests.conftest import tiny_federation, write_shapes_dataset
@@ -112,3 +113,19 @@ def test_weight_ema_is_bias_corrected() -> None:
     ema.update()
     assert torch.allclose(ema.averaged()[0], torch.full((3,), (0.999 * 2 + 4) / 1.999))
     assert torch.equal(WeightEMA([param], 0.0).averaged()[0], param.detach())
+
+
+def test_central_training_starts_from_given_weights(tmp_path: Path) -> None:
+    cfg = load_federation_config(_config(tmp_path))
+    rng = np.random.default_rng(0)
+    images = rng.uniform(-1, 1, (8, 1, 16, 16)).astype(np.float32)
+    labels = np.arange(8) % 2
+    # lr 1e-12 and no EMA: one step leaves the start (nearly) where it was
+    still = CentralSettings(steps=1, batch_size=4, learning_rate=1e-12, label_dropout=0.0, ema_decay=0.0, seed=0)
+    fresh, _ = train_central(cfg, images, labels, still)
+    start = {k: rng.normal(0, 0.05, v.shape).astype(np.float32) for k, v in fresh.items()}
+    arrays, _ = train_central(cfg, images, labels, still, initial=start)
+    assert all(np.allclose(arrays[k], start[k], atol=1e-6) for k in start)
+    assert not all(np.allclose(fresh[k], start[k], atol=1e-3) for k in start)
+    with pytest.raises(ValueError, match="do not match the model"):
+        train_central(cfg, images, labels, still, initial={k: v for k, v in list(start.items())[1:]})

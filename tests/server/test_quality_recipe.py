@@ -37,6 +37,7 @@ def _slices(rng: np.random.Generator, n: int, prefix: str) -> SiteSlices:
 def test_dependencies_pull_in_pretraining_and_the_source_run() -> None:
     assert qr.with_dependencies(["ablation_no_ema"]) == ["public_only", "federated_dp_pretrained", "ablation_no_ema"]
     assert qr.with_dependencies(["central"]) == ["central"]
+    assert qr.with_dependencies(["federated_pretrained"]) == ["public_only", "federated_pretrained"]
 
 
 def test_recipe_rows_at_toy_size(tmp_path: Path) -> None:
@@ -68,8 +69,14 @@ def test_recipe_rows_at_toy_size(tmp_path: Path) -> None:
     assert any(not np.array_equal(ema[k], raw[k]) for k in ema)  # "minus EMA" scores different weights
     ckpt = load_checkpoint(tmp_path / "federated_dp_pretrained" / "model.pt")
     assert ckpt.provenance["init"]["kind"] == "checkpoint" and ckpt.ema is not None
+    full_init_sha = ckpt.provenance["init"]["sha256"]
     sampled, which = sampling_weights(ckpt)  # what `fedsynth sample` takes by default: the EMA
     assert which == "ema" and all(np.array_equal(sampled[k], ema[k]) for k in ema)
+
+    central, _, _ = qj.train_and_score("central_pretrained", 4, 2, 1.0)
+    ckpt = load_checkpoint(tmp_path / "central_pretrained" / "model.pt")
+    assert central["optimiser_steps"] == 2 * 2 * 2 and ckpt.provenance["init"]["kind"] == "checkpoint"
+    assert ckpt.provenance["init"]["sha256"] == full_init_sha  # the same public start as the DP rows
 
     no_ema = qj.score_weights("ablation_no_ema", raw, full, 4, 2, 1.0)
     assert no_ema["weights"] == "global" and no_ema["train_seconds"] == 0.0
@@ -90,3 +97,4 @@ def test_every_preset_is_a_valid_federation_whose_unet_builds(tmp_path: Path) ->
         unet = build_unet(cfg.model)
         assert sum(p.numel() for p in unet.parameters()) > 0, name
         assert preset["samples"] >= len(CLASSES) and preset["classifier_steps"] > 0, name
+        assert preset["classifier_repeats"] >= 1, name
