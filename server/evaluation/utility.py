@@ -7,8 +7,8 @@
   synthetic set keeps (1 = all of it).
 
 A classifier trained on synthetic images is tested on images unlike any it saw, so where it
-draws its boundaries depends on its seed: on the benchmark's 400-image sets one TSTR score
-moved by an SD of 0.025-0.034 balanced accuracy between classifier seeds alone. ``repeats``
+draws its boundaries depends on its seed: on the quality benchmark's 400-image sets, classifier
+seeds alone moved a balanced TSTR score by an SD of up to 0.04. ``repeats``
 trains that many classifiers (seeds ``seed``, ``seed + 1``, ...) on each set and reports
 their mean, SD and every score, so a reader sees how far one number can be trusted.
 
