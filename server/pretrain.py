@@ -139,7 +139,8 @@ class CentralSettings:
 def train_central(cfg: FedsynthConfig, images: np.ndarray, labels: np.ndarray, s: CentralSettings,
                   metrics_file: Path | None = None, progress: bool = False,
                   initial: dict[str, np.ndarray] | None = None) -> tuple[dict[str, np.ndarray], list[dict]]:
-    """Train a UNet, fresh or from ``initial`` (e.g. a pretrained checkpoint's weights), on ``images`` (``(N, 1, S, S)`` in [-1, 1]) and ``labels`` without DP.
+    """Train a UNet without DP on ``images`` (``(N, 1, S, S)`` in [-1, 1]) and ``labels``: a fresh one,
+    or one starting from ``initial`` (a checkpoint's trainable weights by name, e.g. pretrained ones).
 
     Every ``s.log_every`` steps (and after the last) one row is logged (and appended to
     ``metrics_file``): ``step``, ``loss`` (mean training loss of the chunk), ``ema`` (the loss, with
