@@ -163,8 +163,9 @@ def _supernode(address: str, site_yaml: Path, log: Path, auth: tuple[Path, Path]
     security = ["--insecure"] if auth is None else ["--root-certificates", str(auth[0]), "--auth-supernode-private-key", str(auth[1])]
     cmd = [_exe("flower-supernode"), *security, "--superlink", address, "--port", str(free_port()),
            "--node-config", f'site-config="{site_yaml}" num-threads=1']
+    # One FLWR_HOME per SuperNode: nodes sharing one race while installing the app bundle under it.
     with open(log, "ab") as handle:
-        proc = subprocess.Popen(cmd, env={**flower_env(log.parent / "flwr-home-nodes"), **SUPEREXEC_POLL_ENV}, stdout=handle,
+        proc = subprocess.Popen(cmd, env={**flower_env(log.parent / f"flwr-home-{log.stem}"), **SUPEREXEC_POLL_ENV}, stdout=handle,
                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
     try:
         yield proc

@@ -46,8 +46,10 @@ def wait_for(condition: Callable[[], bool], timeout_s: float, what: str) -> None
 def supernode(link: LocalSuperLink, site_yaml: Path, log: Path) -> Iterator[subprocess.Popen]:
     cmd = [_bin("flower-supernode"), "--insecure", "--superlink", link.address, "--port", str(free_port()),
            "--node-config", f'site-config="{site_yaml}" num-threads=1']
+    # One FLWR_HOME per SuperNode: each installs the app bundle under FLWR_HOME/apps, and nodes sharing
+    # one home raced there (a node loaded the app while another was still unpacking it, and failed).
     with open(log, "ab") as handle:
-        proc = subprocess.Popen(cmd, env=flower_env(log.parent / "flwr-home-nodes"), stdout=handle, stderr=subprocess.STDOUT,
+        proc = subprocess.Popen(cmd, env=flower_env(log.parent / f"flwr-home-{log.stem}"), stdout=handle, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=True)
     try:
         yield proc
