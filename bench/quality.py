@@ -46,6 +46,7 @@ from client.site_data import SiteSlices  # noqa: E402
 from server.evaluation.classifier import ClassifierSettings, load_or_train  # noqa: E402
 from server.evaluation.evaluate import EvaluationSettings  # noqa: E402
 from server.evaluation.image_sets import ImageSet  # noqa: E402
+from server.evaluation.utility import seeded  # noqa: E402
 from common.config import SERVER_OPTIMIZERS  # noqa: E402
 from common.errors import ConfigError  # noqa: E402
 from common.fileio import write_bytes_atomic, write_json_atomic  # noqa: E402
@@ -290,10 +291,10 @@ def main(argv: list[str] | None = None) -> int:
         epsilon=args.epsilon, delta=args.delta, seed=args.seed, threads=args.threads, eta=args.eta)
     # The feature network (the first TRTR classifier) and the other TRTR classifiers are the same for
     # every job: trained once here, not once per worker.
-    for i in range(repeats):
-        load_or_train(inputs.real_train.images, inputs.real_train.labels, slices.classes,
-                      dataclasses.replace(eval_settings.classifier, seed=args.seed + i), run_dir / "classifier-cache",
-                      progress=True, desc="feature network" if i == 0 else f"TRTR classifier {i + 1}/{repeats}")
+    for i, settings in enumerate(seeded(eval_settings.classifier, repeats)):
+        load_or_train(inputs.real_train.images, inputs.real_train.labels, slices.classes, settings,
+                      run_dir / "classifier-cache", progress=True,
+                      desc="feature network" if i == 0 else f"TRTR classifier {i + 1}/{repeats}")
     run_jobs(inputs, args, samples, sweep_samples, result)
     result["total_seconds"] = round(time.time() - started, 1)
     write_json_atomic(args.out / "quality.json", result)

@@ -40,7 +40,8 @@ def _balanced(s: dict) -> str:
     return _f(s["tstr_balanced_accuracy"]) + ("" if sd is None else f" ± {sd:.3f}")
 
 
-MAIN = ("public_only", "central", "federated", "central_pretrained", "federated_pretrained", "federated_dp", "federated_dp_pretrained", "federated_dp_pretrained_efficient")
+MAIN = ("public_only", "central", "federated", "central_pretrained", "federated_pretrained", "federated_dp",
+        "federated_dp_pretrained", "federated_dp_pretrained_efficient")
 ABLATIONS = ("ablation_no_ema", "ablation_restart", "ablation_k1", "ablation_no_planner")
 
 

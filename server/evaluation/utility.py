@@ -42,6 +42,11 @@ def train_and_test(train: ImageSet, test: ImageSet, settings: ClassifierSettings
     return accuracies(predict(model, test.images), test.labels, len(test.classes)), key
 
 
+def seeded(settings: ClassifierSettings, repeats: int) -> list[ClassifierSettings]:
+    """The settings of each of ``repeats`` classifiers: seeds ``settings.seed``, ``settings.seed + 1``, ..."""
+    return [dataclasses.replace(settings, seed=settings.seed + i) for i in range(repeats)]
+
+
 def repeated(train: ImageSet, test: ImageSet, settings: ClassifierSettings, repeats: int, cache_dir: Path | None,
              progress: bool = False, desc: str = "classifier") -> dict:
     """Mean and SD of the accuracies of ``repeats`` (>= 1, as ``EvaluationSettings`` checks) classifiers
@@ -52,10 +57,9 @@ def repeated(train: ImageSet, test: ImageSet, settings: ClassifierSettings, repe
         classifier) and ``runs``: seed, accuracies and cache key of each classifier.
     """
     runs = []
-    for i in range(repeats):
-        seeded = dataclasses.replace(settings, seed=settings.seed + i)
-        scores, key = train_and_test(train, test, seeded, cache_dir, progress, f"{desc} {i + 1}/{repeats}")
-        runs.append({"seed": seeded.seed, **scores, "classifier": key})
+    for i, one in enumerate(seeded(settings, repeats)):
+        scores, key = train_and_test(train, test, one, cache_dir, progress, f"{desc} {i + 1}/{repeats}")
+        runs.append({"seed": one.seed, **scores, "classifier": key})
     if runs[0]["accuracy"] is None:
         return {"accuracy": None, "balanced_accuracy": None, "balanced_accuracy_sd": None, "runs": runs}
     balanced = [r["balanced_accuracy"] for r in runs]
