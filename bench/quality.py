@@ -61,23 +61,23 @@ PRESETS = {
     # (sized from measured step times, docs/benchmarks.md): the README's "tiny" UNet at 32 px
     "cpu": dict(model=ModelPreset(image_size=32, channels=(16, 32, 32), rounds=10, local_steps=10, batch_size=32,
                                   learning_rate=1e-3, central_ema_decay=0.99, pretrain_steps=1000, **RECIPE),
-                samples=400, sweep_samples=200, classifier_steps=400, classifier_repeats=3),
+                samples=400, sweep_samples=200, classifier_steps=400, classifier_repeats=3, sampling_sets=1),
     # the same with 4x the steps (well over an hour on 2 CPU cores)
     "cpu-long": dict(model=ModelPreset(image_size=32, channels=(16, 32, 32), rounds=60, local_steps=10, batch_size=32,
                                        learning_rate=1e-3, central_ema_decay=0.995, pretrain_steps=6000,
                                        **{**RECIPE, "ema_decay": 0.9}),
-                     samples=400, sweep_samples=200, classifier_steps=400, classifier_repeats=3),
+                     samples=400, sweep_samples=200, classifier_steps=400, classifier_repeats=3, sampling_sets=1),
     # The independent DDPM's budget for one model (UNet (32, 64, 64), 1.1M parameters, batch 64,
     # about 2,100 steps, EMA 0.999): meant for `--runs central`, to tell the recipe from the compute.
     "cpu-reference": dict(model=ModelPreset(image_size=32, channels=(32, 64, 64), rounds=54, local_steps=10,
                                             batch_size=64, learning_rate=1e-3, central_ema_decay=0.999,
                                             pretrain_steps=2160, **RECIPE),
-                          samples=400, sweep_samples=200, classifier_steps=400, classifier_repeats=3),
+                          samples=400, sweep_samples=200, classifier_steps=400, classifier_repeats=3, sampling_sets=1),
     # one GPU: 64 px, a 4.6M-parameter UNet, 16x the cpu preset's optimiser steps
     "gpu": dict(model=ModelPreset(image_size=64, channels=(64, 128, 128), rounds=40, local_steps=60, batch_size=64,
                                   learning_rate=5e-4, head_channels=16, central_ema_decay=0.999, pretrain_steps=8000,
                                   dp_batch_sizes=(32, 64, 128, 256), **{**RECIPE, "ema_decay": 0.9}),
-                samples=1000, sweep_samples=400, classifier_steps=800, classifier_repeats=3),
+                samples=1000, sweep_samples=400, classifier_steps=800, classifier_repeats=3, sampling_sets=1),
 }
 GUIDANCE_SWEEP = (0.0, 1.0, 3.0, 5.0)
 STEPS_SWEEP = (10, 25, 50)
@@ -112,6 +112,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--sweep-samples", type=int, help="override the number of images per sweep point")
     p.add_argument("--classifier-repeats", type=int,
                    help="override the TSTR/TRTR classifiers per image set (mean and SD reported; fewer = a reduced run)")
+    p.add_argument("--sampling-sets", type=int,
+                   help="score each model on this many sets of --samples images from disjoint seeds, each alone "
+                        "(mean and SD over sets) and all pooled; the first set is the main table's")
     p.add_argument("--steps", type=int, default=50, help="DDIM steps for the main comparison")
     p.add_argument("--guidance", type=float, default=1.0, help="guidance for the main comparison")
     p.add_argument("--eta", type=float, default=DEFAULT_ETA,
@@ -240,6 +243,10 @@ def main(argv: list[str] | None = None) -> int:
     samples = args.samples or preset["samples"]
     sweep_samples = args.sweep_samples or preset["sweep_samples"]
     repeats = preset["classifier_repeats"] if args.classifier_repeats is None else args.classifier_repeats
+    sets = preset["sampling_sets"] if args.sampling_sets is None else args.sampling_sets
+    if sets < 1:
+        print(f"quality benchmark: --sampling-sets must be at least 1, got {sets}", file=sys.stderr)
+        return 2
     try:
         eval_settings = EvaluationSettings(classifier=ClassifierSettings(steps=preset["classifier_steps"], seed=args.seed),
                                            seed=args.seed, classifier_repeats=repeats)
@@ -247,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"quality benchmark: {err}", file=sys.stderr)
         return 2
     reduced = (model != preset["model"] or samples != preset["samples"] or sweep_samples != preset["sweep_samples"]
-               or repeats < preset["classifier_repeats"]
+               or repeats < preset["classifier_repeats"] or sets < preset["sampling_sets"]
                or set(requested) != set(RUNS))
     try:  # the server's recipe is a choice of the run, not a reduction of the preset
         bad = [o for o in args.server_option if "=" not in o]
@@ -267,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = args.out / time.strftime("run-%Y%m%d-%H%M%S")  # fresh privacy ledgers every time
     started = time.time()
     result: dict = {"preset": args.preset, "reduced": reduced, "requested_runs": requested, "model": dataclasses.asdict(model), "samples": samples,
-                    "classifier_repeats": repeats, "sampling": {"steps": args.steps, "guidance": args.guidance, "eta": args.eta},
+                    "classifier_repeats": repeats, "sampling": {"steps": args.steps, "guidance": args.guidance, "eta": args.eta, "sets": sets},
                     "machine": {**machine(), "workers": args.workers}, "runs": {}}
 
     slices = load_slices(args.data, model.image_size, args.out / "cache")
@@ -288,7 +295,8 @@ def main(argv: list[str] | None = None) -> int:
         model=model, sites=sites, central=site_slices(slices, train_index, split.groups),
         public=site_slices(slices, split.public, split.groups), plans=plans, real_test=image_set(slices, split.validation, "validation split"),
         real_train=image_set(slices, train_index, "all hospitals"), evaluation=eval_settings, run_dir=run_dir,
-        epsilon=args.epsilon, delta=args.delta, seed=args.seed, threads=args.threads, eta=args.eta)
+        epsilon=args.epsilon, delta=args.delta, seed=args.seed, threads=args.threads, eta=args.eta,
+        sampling_sets=sets)
     # The feature network (the first TRTR classifier) and the other TRTR classifiers are the same for
     # every job: trained once here, not once per worker.
     for i, settings in enumerate(seeded(eval_settings.classifier, repeats)):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 from rich.console import Console
 from rich.table import Table
 
@@ -9,6 +10,8 @@ MAIN_COLUMNS = ("run", "FID", "FID per class (g/m/n/p)", "hist W1", "MS-SSIM syn
                 "mem <p1", "nearest-train median", "max eps", "batch / sigma / K", "train s", "sample s")
 ABLATION_COLUMNS = ("federated + DP from pretraining", "FID", "Δ FID", "TSTR bal.", "Δ TSTR bal.", "mem <p1",
                     "nearest-train median", "max eps", "batch / sigma / K")
+SETS_COLUMNS = ("run", "sets x images", "FID (mean ± SD)", "TSTR bal. (mean ± SD over sets)", "TSTR bal. min / max",
+                "mem <p1 (max)", "all images pooled: FID", "pooled: TSTR bal.")
 SWEEP_COLUMNS = ("guidance", "DDIM steps", "FID", "MS-SSIM syn", "TSTR", "TSTR bal.", "mem <p1", "sample s")
 
 
@@ -89,6 +92,26 @@ def _ablation_rows(result: dict) -> list[list[str]]:
     return rows
 
 
+def _mean_sd(values: list[float], digits: int) -> str:
+    return f"{np.mean(values):.{digits}f} ± {np.std(values, ddof=1):.{digits}f}"
+
+
+def _sets_rows(result: dict) -> list[list[str]]:
+    """Per run scored on several sampling sets: the spread between draws of the same model, and the pooled set."""
+    rows = []
+    for name, run in result["runs"].items():
+        sets = run.get("sets")
+        if not sets:
+            continue
+        each, pooled = sets["summaries"], sets["pooled"]
+        tstr = [s["tstr_balanced_accuracy"] for s in each]
+        memorised = [s["fraction_below_p1"] for s in each + [pooled] if s["fraction_below_p1"] is not None]
+        rows.append([run.get("title", name), f"{sets['count']} x {sets['samples']}", _mean_sd([s["fid"] for s in each], 2),
+                     _mean_sd(tstr, 3), f"{min(tstr):.3f} / {max(tstr):.3f}", _f(max(memorised) if memorised else None),
+                     _f(pooled["fid"], 2), _balanced(pooled)])
+    return rows
+
+
 def _sweep_rows(result: dict) -> list[list[str]]:
     return [[_f(r["guidance"], 1), str(r["steps"]), _f(r["summary"]["fid"]), _f(r["summary"]["ms_ssim_synthetic"]),
              _f(r["summary"]["tstr_accuracy"]), _balanced(r["summary"]),
@@ -103,6 +126,14 @@ def print_table(result: dict) -> None:
     for row in _main_rows(result):
         table.add_row(*row)
     console.print(table)
+    sets = _sets_rows(result)
+    if sets:
+        t = Table(title="every model on several sets of sampled images (disjoint seeds; the first set is the table above's)")
+        for column in SETS_COLUMNS:
+            t.add_column(column, justify="right")
+        for row in sets:
+            t.add_row(*row)
+        console.print(t)
     ablation = _ablation_rows(result)
     if len(ablation) > 1:
         t = Table(title="ablation: each row takes one ingredient away (Δ: minus the full recipe)")
@@ -131,6 +162,10 @@ def markdown_table(result: dict) -> str:
             f"{m['cpu']}{', ' + m['gpu'] if m['gpu'] else ''}, torch {m['torch']} ({m['torch_threads']} threads), "
             f"total {result.get('total_seconds', '?')} s.\n\n")
     text = head + _markdown(MAIN_COLUMNS, _main_rows(result))
+    sets = _sets_rows(result)
+    if sets:
+        text += ("\nEvery model on several sets of sampled images (disjoint seeds; the first set is the table above's):\n\n"
+                 + _markdown(SETS_COLUMNS, sets))
     ablation = _ablation_rows(result)
     if len(ablation) > 1:
         text += "\nAblation (Δ: minus the full recipe):\n\n" + _markdown(ABLATION_COLUMNS, ablation)

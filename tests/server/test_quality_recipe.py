@@ -3,10 +3,12 @@ a DP row from it through the ServerApp's strategy, parameter-efficient fine-tuni
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from client.site_data import SiteSlices
 from common.checkpoint import load_checkpoint
@@ -98,3 +100,37 @@ def test_every_preset_is_a_valid_federation_whose_unet_builds(tmp_path: Path) ->
         assert sum(p.numel() for p in unet.parameters()) > 0, name
         assert preset["samples"] >= len(CLASSES) and preset["classifier_steps"] > 0, name
         assert preset["classifier_repeats"] >= 1, name
+
+
+def test_several_sampling_sets_score_disjoint_draws_and_their_pool(tmp_path: Path) -> None:
+    """The first set is the one-set run's images; the others are new draws; the pool is all of them."""
+    rng = np.random.default_rng(1)
+    sites = {"a": _slices(rng, 12, "a"), "b": _slices(rng, 10, "b")}
+    p = qt.ModelPreset(image_size=16, channels=(8, 8), rounds=1, local_steps=2, batch_size=4, learning_rate=1e-3,
+                       warmup_steps=1, central_ema_decay=0.5)
+    real = ImageSet(sites["a"].images, sites["a"].labels, CLASSES, sites["a"].patients, "toy")
+    central = SiteSlices(np.concatenate([s.images for s in sites.values()]),
+                         np.concatenate([s.labels for s in sites.values()]),
+                         [q for s in sites.values() for q in s.patients], CLASSES)
+    inputs = qj.BenchmarkInputs(model=p, sites=sites, central=central, public=central, plans={}, real_test=real,
+                                real_train=real,
+                                evaluation=EvaluationSettings(classifier=ClassifierSettings(steps=2, batch_size=8, width=4)),
+                                run_dir=tmp_path, epsilon=8.0, delta=1e-5, seed=0, threads=1)
+    qj.init_worker(inputs, None)
+    one, arrays, _ = qj.train_and_score("central", 4, 2, 1.0)
+    assert "sets" not in one
+
+    qj.init_worker(dataclasses.replace(inputs, sampling_sets=3), None)
+    three = qj.score_weights("ablation_no_ema", arrays, one, 4, 2, 1.0)
+    sets = three["sets"]
+    assert (sets["count"], sets["samples"], len(sets["summaries"])) == (3, 4, 3)
+    assert three["summary"] == sets["summaries"][0]
+    assert sets["summaries"][0]["fid"] == pytest.approx(one["summary"]["fid"], rel=1e-4)
+    assert len({s["fid"] for s in sets["summaries"]}) == 3  # three different draws
+    assert sets["pooled"]["fid"] not in {s["fid"] for s in sets["summaries"]}
+
+    machine = {"date": "today", "nproc": 2, "cpu": "cpu", "gpu": None, "torch": "x", "torch_threads": 1}
+    text = quality.markdown_table({"preset": "toy", "reduced": True, "machine": machine,
+                                   "runs": {"central": one, "ablation_no_ema": three}})
+    sets_table = text.split("several sets of sampled images")[1]
+    assert "| 3 x 4 |" in sets_table and "central" not in sets_table.split("\n", 3)[3]
