@@ -274,7 +274,8 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = args.out / time.strftime("run-%Y%m%d-%H%M%S")  # fresh privacy ledgers every time
     started = time.time()
     result: dict = {"preset": args.preset, "reduced": reduced, "requested_runs": requested, "model": dataclasses.asdict(model), "samples": samples,
-                    "classifier_repeats": repeats, "sampling": {"steps": args.steps, "guidance": args.guidance, "eta": args.eta, "sets": sets},
+                    "classifier_repeats": repeats,
+                    "sampling": {"steps": args.steps, "guidance": args.guidance, "eta": args.eta, "sets": sets},
                     "machine": {**machine(), "workers": args.workers}, "runs": {}}
 
     slices = load_slices(args.data, model.image_size, args.out / "cache")

@@ -50,8 +50,8 @@ class BenchmarkInputs:
     seed: int
     threads: int
     eta: float = DEFAULT_ETA  # DDIM stochasticity of every model's sampling
-    # Sets of ``samples`` images scored per model, from disjoint seeds: one 400-image set's balanced
-    # TSTR moved by an SD of 0.05-0.07 between draws of the same model, more than between classifiers.
+    # Sets of ``samples`` images scored per model, from disjoint seeds: one set is one draw, and a
+    # target met by one draw of 400 images may not be met by the next.
     sampling_sets: int = 1
 
 

@@ -10,6 +10,7 @@ MAIN_COLUMNS = ("run", "FID", "FID per class (g/m/n/p)", "hist W1", "MS-SSIM syn
                 "mem <p1", "nearest-train median", "max eps", "batch / sigma / K", "train s", "sample s")
 ABLATION_COLUMNS = ("federated + DP from pretraining", "FID", "Δ FID", "TSTR bal.", "Δ TSTR bal.", "mem <p1",
                     "nearest-train median", "max eps", "batch / sigma / K")
+SETS_TITLE = "every model on several sets of sampled images (disjoint seeds; the first set is the table above's)"
 SETS_COLUMNS = ("run", "sets x images", "FID (mean ± SD)", "TSTR bal. (mean ± SD over sets)", "TSTR bal. min / max",
                 "mem <p1 (max)", "all images pooled: FID", "pooled: TSTR bal.")
 SWEEP_COLUMNS = ("guidance", "DDIM steps", "FID", "MS-SSIM syn", "TSTR", "TSTR bal.", "mem <p1", "sample s")
@@ -106,8 +107,9 @@ def _sets_rows(result: dict) -> list[list[str]]:
         each, pooled = sets["summaries"], sets["pooled"]
         tstr = [s["tstr_balanced_accuracy"] for s in each]
         memorised = [s["fraction_below_p1"] for s in each + [pooled] if s["fraction_below_p1"] is not None]
-        rows.append([run.get("title", name), f"{sets['count']} x {sets['samples']}", _mean_sd([s["fid"] for s in each], 2),
-                     _mean_sd(tstr, 3), f"{min(tstr):.3f} / {max(tstr):.3f}", _f(max(memorised) if memorised else None),
+        rows.append([run.get("title", name), f"{sets['count']} x {sets['samples']}",
+                     _mean_sd([s["fid"] for s in each], 2), _mean_sd(tstr, 3), f"{min(tstr):.3f} / {max(tstr):.3f}",
+                     _f(max(memorised) if memorised else None),
                      _f(pooled["fid"], 2), _balanced(pooled)])
     return rows
 
@@ -128,7 +130,7 @@ def print_table(result: dict) -> None:
     console.print(table)
     sets = _sets_rows(result)
     if sets:
-        t = Table(title="every model on several sets of sampled images (disjoint seeds; the first set is the table above's)")
+        t = Table(title=SETS_TITLE)
         for column in SETS_COLUMNS:
             t.add_column(column, justify="right")
         for row in sets:
@@ -164,8 +166,7 @@ def markdown_table(result: dict) -> str:
     text = head + _markdown(MAIN_COLUMNS, _main_rows(result))
     sets = _sets_rows(result)
     if sets:
-        text += ("\nEvery model on several sets of sampled images (disjoint seeds; the first set is the table above's):\n\n"
-                 + _markdown(SETS_COLUMNS, sets))
+        text += f"\n{SETS_TITLE[0].upper()}{SETS_TITLE[1:]}:\n\n" + _markdown(SETS_COLUMNS, sets)
     ablation = _ablation_rows(result)
     if len(ablation) > 1:
         text += "\nAblation (Δ: minus the full recipe):\n\n" + _markdown(ABLATION_COLUMNS, ablation)

@@ -112,10 +112,10 @@ def test_several_sampling_sets_score_disjoint_draws_and_their_pool(tmp_path: Pat
     central = SiteSlices(np.concatenate([s.images for s in sites.values()]),
                          np.concatenate([s.labels for s in sites.values()]),
                          [q for s in sites.values() for q in s.patients], CLASSES)
+    evaluation = EvaluationSettings(classifier=ClassifierSettings(steps=2, batch_size=8, width=4))
     inputs = qj.BenchmarkInputs(model=p, sites=sites, central=central, public=central, plans={}, real_test=real,
-                                real_train=real,
-                                evaluation=EvaluationSettings(classifier=ClassifierSettings(steps=2, batch_size=8, width=4)),
-                                run_dir=tmp_path, epsilon=8.0, delta=1e-5, seed=0, threads=1)
+                                real_train=real, evaluation=evaluation, run_dir=tmp_path, epsilon=8.0, delta=1e-5,
+                                seed=0, threads=1)
     qj.init_worker(inputs, None)
     one, arrays, _ = qj.train_and_score("central", 4, 2, 1.0)
     assert "sets" not in one
@@ -134,3 +134,10 @@ def test_several_sampling_sets_score_disjoint_draws_and_their_pool(tmp_path: Pat
                                    "runs": {"central": one, "ablation_no_ema": three}})
     sets_table = text.split("several sets of sampled images")[1]
     assert "| 3 x 4 |" in sets_table and "central" not in sets_table.split("\n", 3)[3]
+
+
+def test_fewer_than_one_sampling_set_is_refused_before_any_work(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "q"
+    assert quality.main(["--sampling-sets", "0", "--data", str(tmp_path), "--out", str(out)]) == 2
+    assert "--sampling-sets must be at least 1, got 0" in capsys.readouterr().err
+    assert not out.exists()
