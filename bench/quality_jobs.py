@@ -138,11 +138,6 @@ def _train(spec: RunSpec) -> tuple[TrainOutcome, Checkpoint]:
                            optimizer=out.optimizer, ema=out.ema)
 
 
-def _subset(images: ImageSet, start: int, stop: int) -> ImageSet:
-    return ImageSet(images.images[start:stop], images.labels[start:stop], images.classes, images.names[start:stop],
-                    f"{images.source}, images {start}-{stop - 1}")
-
-
 def _sample_and_score(name: str, arrays: dict[str, np.ndarray], samples: int, steps: int,
                       guidance: float) -> tuple[dict, float, dict | None]:
     """Sample ``sampling_sets`` x ``samples`` images and score them.
@@ -158,14 +153,15 @@ def _sample_and_score(name: str, arrays: dict[str, np.ndarray], samples: int, st
     _say(f"{name}: sampling {sets} x {samples} images" if sets > 1 else f"{name}: sampling {samples} images")
     synthetic, sample_s = sample_set(_inputs.model, _inputs.central.classes, arrays, samples * sets, steps, guidance,
                                      _inputs.seed, progress=False, eta=_inputs.eta)
-    report = _score(name, _subset(synthetic, 0, samples) if sets > 1 else synthetic, full_report=True)
+    report = _score(name, synthetic.subset(np.arange(samples)), full_report=True)
     _say(f"{name}: scored (FID {report['fidelity']['fid']:.2f}, "
          f"balanced TSTR {report['utility']['tstr_balanced_accuracy']:.3f})")
     if sets == 1:
         return report, sample_s, None
     summaries = [summarise(report)]
     for k in range(1, sets):
-        summaries.append(summarise(_score(name, _subset(synthetic, k * samples, (k + 1) * samples), full_report=False)))
+        one_set = synthetic.subset(np.arange(k * samples, (k + 1) * samples))
+        summaries.append(summarise(_score(name, one_set, full_report=False)))
         _say(f"{name}: set {k + 1}/{sets} scored (balanced TSTR {summaries[-1]['tstr_balanced_accuracy']:.3f})")
     pooled = summarise(_score(name, synthetic, full_report=False))
     _say(f"{name}: all {len(synthetic)} images scored (FID {pooled['fid']:.2f}, "
