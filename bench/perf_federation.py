@@ -40,8 +40,9 @@ from client.training import plan_steps, split_patients, train_round, validation_
 from common import keys
 from common.model import build_unet, count_parameters, trainable_state
 from server import kits
-from server.local_federation import (SUPEREXEC_POLL_ENV, flower_env, free_port, local_superlink, run_status, save_run_log,
-                                     stop_process_tree, stop_processes_with_env, submit_run, wait_for_port)
+from server.local_federation import (SUPEREXEC_POLL_ENV, flower_env, flower_executable, free_port, local_superlink,
+                                     local_supernode, run_status, save_run_log, stop_process_tree,
+                                     stop_processes_with_env, submit_run, wait_for_port)
 from server.provision import ProvisionRequest, provision
 from server.remote_run import CONNECTION as REMOTE_CONNECTION, RemoteSuperLink
 from server.simulation import PROJECT_ROOT, completed_rounds, follow_run
@@ -153,33 +154,14 @@ def simulation_overhead(root: Path, rounds: int, local_steps: int, parallel_too:
 STATUS_POLL_S = 10.0
 
 
-def _exe(name: str) -> str:
-    return str(Path(sys.executable).parent / name)
-
-
-@contextmanager
-def _supernode(address: str, site_yaml: Path, log: Path, auth: tuple[Path, Path] | None = None) -> Iterator[subprocess.Popen]:
-    """A real SuperNode; ``auth`` = (CA certificate, the site's private key) for TLS + node authentication."""
-    security = ["--insecure"] if auth is None else ["--root-certificates", str(auth[0]), "--auth-supernode-private-key", str(auth[1])]
-    cmd = [_exe("flower-supernode"), *security, "--superlink", address, "--port", str(free_port()),
-           "--node-config", f'site-config="{site_yaml}" num-threads=1']
-    # One FLWR_HOME per SuperNode: nodes sharing one race while installing the app bundle under it.
-    with open(log, "ab") as handle:
-        proc = subprocess.Popen(cmd, env={**flower_env(log.parent / f"flwr-home-{log.stem}"), **SUPEREXEC_POLL_ENV}, stdout=handle,
-                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
-    try:
-        yield proc
-    finally:
-        stop_process_tree(proc)
-
-
 @contextmanager
 def _secure_superlink(root: Path, layout: kits.Layout, sites: list[str]) -> Iterator[RemoteSuperLink]:
     """A SuperLink as ``start-superlink.sh`` starts it (TLS, only registered SuperNodes), the sites' keys registered."""
     flwr_home = root / "flwr-home"
     port = free_port()
     server = layout.server_dir
-    cmd = [_exe("flower-superlink"), "--ssl-ca-certfile", str(server / kits.CA_CERT), "--ssl-certfile", str(server / kits.SERVER_CERT),
+    cmd = [flower_executable("flower-superlink"), "--ssl-ca-certfile", str(server / kits.CA_CERT),
+           "--ssl-certfile", str(server / kits.SERVER_CERT),
            "--ssl-keyfile", str(server / kits.SERVER_KEY), "--enable-supernode-auth", "--isolation", "subprocess",
            "--disable-runtime-dependency-installation", "--host", "127.0.0.1", "--port", str(port)]
     root.mkdir(parents=True, exist_ok=True)
@@ -213,13 +195,13 @@ def deployment_overhead(root: Path, rounds: int, model: dict, secure: bool = Fal
         with _secure_superlink(root / "flower", layout, names) as remote, ExitStack() as nodes:
             for path in fed.site_paths:
                 auth = (layout.ca_cert, layout.site_key(path.parent.name))
-                nodes.enter_context(_supernode(remote.address, path, root / f"{path.parent.name}.log", auth))
+                nodes.enter_context(local_supernode(remote.address, path, root / f"{path.parent.name}.log", auth))
             run_id = remote.submit(PROJECT_ROOT, {keys.RUN_CONFIG_PATH: str(fed.config_path)})
             status = follow_run(run_id, lambda: remote.status(run_id), fed.cfg, timeout_s, False, poll_s=STATUS_POLL_S)
     else:
         with local_superlink(root / "flower", simulation=False) as link, ExitStack() as nodes:
             for path in fed.site_paths:
-                nodes.enter_context(_supernode(link.address, path, root / f"{path.parent.name}.log"))
+                nodes.enter_context(local_supernode(link.address, path, root / f"{path.parent.name}.log"))
             run_id = submit_run(link, PROJECT_ROOT, {keys.RUN_CONFIG_PATH: str(fed.config_path)}, num_supernodes=None)
             status = follow_run(run_id, lambda: str(run_status(link, run_id).get("status", "")), fed.cfg, timeout_s, False,
                                 poll_s=STATUS_POLL_S)

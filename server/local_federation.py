@@ -45,7 +45,7 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _bin(name: str) -> str:
+def flower_executable(name: str) -> str:
     """Flower's executables from this interpreter's environment, not whatever is on PATH."""
     candidate = Path(sys.executable).parent / name
     return str(candidate) if candidate.exists() else name
@@ -198,7 +198,7 @@ def local_superlink(workdir: Path, startup_timeout_s: float = 60.0, simulation: 
             with stop_signals_held():  # a signal while it starts is raised once `process` is known
                 with open(log_file, "ab") as log_handle:
                     process = subprocess.Popen(
-                        [_bin("flower-superlink"), "--insecure", *(["--simulation"] if simulation else []),
+                        [flower_executable("flower-superlink"), "--insecure", *(["--simulation"] if simulation else []),
                          "--isolation", "subprocess", "--host", "127.0.0.1", "--port", str(port),
                          "--disable-runtime-dependency-installation", *(["--database", str(database)] if database else [])],
                         cwd=workdir, env=env, stdout=log_handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -213,6 +213,32 @@ def local_superlink(workdir: Path, startup_timeout_s: float = 60.0, simulation: 
                     stop_process_tree(process)
                     if Path("/proc").is_dir():
                         stop_processes_with_env("FLWR_HOME", str(flwr_home))
+
+
+@contextmanager
+def local_supernode(superlink: str, site_config: Path, log_file: Path,
+                    auth: tuple[Path, Path] | None = None) -> Iterator[subprocess.Popen]:
+    """A real SuperNode on this machine that joins ``superlink``, stopped by PID when the block exits.
+
+    ``auth`` = (the CA certificate, the site's private key) for TLS and SuperNode authentication;
+    without it the SuperNode connects insecurely (a SuperLink from ``local_superlink(simulation=False)``).
+    Tests and benchmarks start hospitals this way; a hospital itself runs its kit's start-supernode.sh.
+    """
+    security = (["--insecure"] if auth is None
+                else ["--root-certificates", str(auth[0]), "--auth-supernode-private-key", str(auth[1])])
+    cmd = [flower_executable("flower-supernode"), *security, "--superlink", superlink, "--port", str(free_port()),
+           "--node-config", f'site-config="{site_config}" num-threads=1']
+    # One FLWR_HOME per SuperNode: each installs the app bundle under FLWR_HOME/apps, and nodes sharing
+    # one home raced there (a node loaded the app while another was still unpacking it, and failed).
+    # The poll interval is the one a kit's start-supernode.sh sets.
+    env = {**flower_env(log_file.parent / f"flwr-home-{log_file.stem}"), **SUPEREXEC_POLL_ENV}
+    with open(log_file, "ab") as handle:
+        process = subprocess.Popen(cmd, env=env, stdout=handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                   start_new_session=True)
+    try:
+        yield process
+    finally:
+        stop_process_tree(process)
 
 
 def _wait_ready(link: LocalSuperLink, timeout_s: float) -> None:
@@ -241,7 +267,7 @@ def submit_run(link: LocalSuperLink, app_dir: Path, run_config: dict[str, str], 
     ``num_supernodes`` sizes a simulation; ``None`` runs on the SuperNodes that joined.
     """
     overrides = " ".join(f'{k}="{v}"' for k, v in run_config.items())
-    cmd = [_bin("flwr"), "run", str(app_dir), CONNECTION, "--format", "json", "--run-config", overrides]
+    cmd = [flower_executable("flwr"), "run", str(app_dir), CONNECTION, "--format", "json", "--run-config", overrides]
     if num_supernodes is not None:
         cmd += ["--federation-config", f"num-supernodes={num_supernodes} client-resources-num-cpus={cpus_per_site}"]
     proc = subprocess.run(cmd, env=link.env(), capture_output=True, text=True, timeout=300, cwd=app_dir)
@@ -254,7 +280,7 @@ def submit_run(link: LocalSuperLink, app_dir: Path, run_config: dict[str, str], 
 
 def run_status(link: LocalSuperLink, run_id: int) -> dict:
     """The run's row from ``flwr list`` (status, sub-status, details)."""
-    proc = subprocess.run([_bin("flwr"), "list", CONNECTION, "--run-id", str(run_id), "--format", "json"],
+    proc = subprocess.run([flower_executable("flwr"), "list", CONNECTION, "--run-id", str(run_id), "--format", "json"],
                           env=link.env(), capture_output=True, text=True, timeout=120)
     try:
         payload = json.loads(proc.stdout[proc.stdout.index("{"):])
@@ -266,7 +292,7 @@ def run_status(link: LocalSuperLink, run_id: int) -> dict:
 def save_run_log(link: LocalSuperLink, run_id: int, path: Path) -> None:
     """Keep the run's ServerApp/ClientApp log next to the outputs, for the user to read."""
     try:
-        proc = subprocess.run([_bin("flwr"), "log", str(run_id), CONNECTION, "--show"],
+        proc = subprocess.run([flower_executable("flwr"), "log", str(run_id), CONNECTION, "--show"],
                               env=link.env(), capture_output=True, text=True, timeout=60)
         path.write_text(proc.stdout + proc.stderr)
     except (OSError, subprocess.SubprocessError):

@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 import subprocess
 import time
-from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from collections.abc import Callable
+from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
@@ -19,10 +19,10 @@ from common.checkpoint import list_round_checkpoints, load_checkpoint
 from common.config import load_federation_config
 from server.local_federation import (
     LocalSuperLink,
-    _bin,
-    flower_env,
+    flower_executable,
     free_port,
     local_superlink,
+    local_supernode,
     run_status,
     stop_process_tree,
     submit_run,
@@ -42,23 +42,8 @@ def wait_for(condition: Callable[[], bool], timeout_s: float, what: str) -> None
     raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
 
 
-@contextmanager
-def supernode(link: LocalSuperLink, site_yaml: Path, log: Path) -> Iterator[subprocess.Popen]:
-    cmd = [_bin("flower-supernode"), "--insecure", "--superlink", link.address, "--port", str(free_port()),
-           "--node-config", f'site-config="{site_yaml}" num-threads=1']
-    # One FLWR_HOME per SuperNode: each installs the app bundle under FLWR_HOME/apps, and nodes sharing
-    # one home raced there (a node loaded the app while another was still unpacking it, and failed).
-    with open(log, "ab") as handle:
-        proc = subprocess.Popen(cmd, env=flower_env(log.parent / f"flwr-home-{log.stem}"), stdout=handle, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
-    try:
-        yield proc
-    finally:
-        stop_process_tree(proc)
-
-
 def online_nodes(link: LocalSuperLink) -> int:
-    proc = subprocess.run([_bin("flwr"), "supernode", "list", "fedsynth-local", "--format", "json"],
+    proc = subprocess.run([flower_executable("flwr"), "supernode", "list", "fedsynth-local", "--format", "json"],
                           env=link.env(), capture_output=True, text=True, timeout=60)
     try:
         nodes = json.loads(proc.stdout[proc.stdout.index("{"):])["nodes"]
@@ -92,7 +77,8 @@ def test_supernode_killed_mid_round_round_completes_with_the_others(tmp_path: Pa
     fed_path, cfg = _federation(tmp_path, num_rounds=2, min_train_nodes=2, min_available_nodes=2, quorum=2,
                                 round_timeout_s=180.0)
     with local_superlink(tmp_path / "flower", simulation=False) as link, ExitStack() as nodes:
-        procs = {s.parent.name: nodes.enter_context(supernode(link, s, tmp_path / f"{s.parent.name}.log")) for s in sites}
+        procs = {s.parent.name: nodes.enter_context(local_supernode(link.address, s, tmp_path / f"{s.parent.name}.log"))
+                 for s in sites}
         wait_for(lambda: online_nodes(link) == 3, 90, "3 SuperNodes online")
         run_id = submit_run(link, PROJECT_ROOT, {"config": str(fed_path)}, num_supernodes=None)
         # The steps are reserved just before training starts: kill the node while it trains.
@@ -119,7 +105,7 @@ def test_server_killed_then_resumed_without_lost_or_double_counted_steps(tmp_pat
     with ExitStack() as nodes:
         with local_superlink(tmp_path / "flower-1", simulation=False, port=port, database=database) as link:
             for s in sites:
-                nodes.enter_context(supernode(link, s, tmp_path / f"{s.parent.name}.log"))
+                nodes.enter_context(local_supernode(link.address, s, tmp_path / f"{s.parent.name}.log"))
             wait_for(lambda: online_nodes(link) == 2, 90, "2 SuperNodes online")
             submit_run(link, PROJECT_ROOT, {"config": str(fed_path)}, num_supernodes=None)
             wait_for(lambda: len(list_round_checkpoints(cfg.federation.checkpoint_dir)) >= 1, 180, "round 1's checkpoint")
