@@ -136,6 +136,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--ema-decay", type=float, default=None,
                    help="federated runs: EMA of the global weights over rounds, sampled instead of them "
                         "(0 = off; default: the preset's)")
+    p.add_argument("--finetune-learning-rate", type=float, default=None,
+                   help="rows from public pretraining: their learning rate (default: the preset's, "
+                        "which is the scratch rows' unless the preset says otherwise)")
     p.add_argument("--server-option", action="append", default=[], metavar="KEY=VALUE",
                    help="a federation option of the server optimiser, e.g. eta=0.01 (repeatable)")
     return p.parse_args(argv)
@@ -261,11 +264,16 @@ def main(argv: list[str] | None = None) -> int:
         if bad:
             raise ValueError(f"expected KEY=VALUE, got {bad[0]!r}")
         options = tuple((k, float(v)) for k, v in (o.split("=", 1) for o in args.server_option))
+        if args.finetune_learning_rate is not None and not args.finetune_learning_rate > 0:
+            raise ValueError(f"--finetune-learning-rate must be positive, got {args.finetune_learning_rate}")
         model = dataclasses.replace(model, server_optimizer=args.server_optimizer, server_options=options,
-                                    ema_decay=model.ema_decay if args.ema_decay is None else args.ema_decay)
+                                    ema_decay=model.ema_decay if args.ema_decay is None else args.ema_decay,
+                                    finetune_learning_rate=(model.finetune_learning_rate if args.finetune_learning_rate
+                                                            is None else args.finetune_learning_rate))
         cfg = federation_config(model, ("a",), args.out, 1, dp=False)  # the federation config's own checks, now
     except (ValueError, ConfigError) as err:
-        print(f"quality benchmark: --server-optimizer/--ema-decay/--server-option: {err}", file=sys.stderr)
+        print(f"quality benchmark: --server-optimizer/--ema-decay/--server-option/--finetune-learning-rate: {err}",
+              file=sys.stderr)
         return 2
     problem = sampling_problem(args.steps, args.guidance, args.eta, cfg.diffusion.num_train_timesteps)
     if problem:  # now, not after the training it would follow

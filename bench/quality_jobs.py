@@ -123,6 +123,7 @@ def _train(spec: RunSpec) -> tuple[TrainOutcome, Checkpoint]:
         init_path = str(pretrained_path())
         init = load_checkpoint(init_path)
         initial = init.arrays
+        p = p.for_finetuning()
     if spec.kind == "central":
         out = train_central(p, _inputs.central, len(_inputs.sites), run / spec.name, on_round=report, label=spec.name,
                             initial=initial)

@@ -57,6 +57,8 @@ class ModelPreset:
     batch_size: int
     learning_rate: float
     head_channels: int = 8
+    # Rows that start from the public checkpoint train at this rate (0: learning_rate, as from scratch).
+    finetune_learning_rate: float = 0.0
     # The ServerApp's server step (federation.server_optimizer and its options, federation.ema_decay).
     server_optimizer: str = "fedavg"
     ema_decay: float = 0.0
@@ -73,6 +75,10 @@ class ModelPreset:
     pretrain_ema_decay: float = 0.995
     # Batch sizes the DP planner may choose from (larger ones cost CPU time for little less noise).
     dp_batch_sizes: tuple[int, ...] = (16, 32, 64)
+
+    def for_finetuning(self) -> ModelPreset:
+        """The preset of a row that starts from the public checkpoint."""
+        return dataclasses.replace(self, learning_rate=self.finetune_learning_rate or self.learning_rate)
 
     @property
     def server_step_is_plain_fedavg(self) -> bool:

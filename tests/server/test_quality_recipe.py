@@ -141,3 +141,38 @@ def test_fewer_than_one_sampling_set_is_refused_before_any_work(tmp_path: Path, 
     assert quality.main(["--sampling-sets", "0", "--data", str(tmp_path), "--out", str(out)]) == 2
     assert "--sampling-sets must be at least 1, got 0" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_rows_from_pretraining_train_at_the_finetuning_rate(tmp_path: Path) -> None:
+    """Pretraining keeps the preset's rate; every row that starts from its checkpoint takes the fine-tuning rate."""
+    rng = np.random.default_rng(2)
+    sites = {"a": _slices(rng, 12, "a"), "b": _slices(rng, 10, "b")}
+    real = ImageSet(sites["a"].images, sites["a"].labels, CLASSES, sites["a"].patients, "toy")
+    central = SiteSlices(np.concatenate([s.images for s in sites.values()]),
+                         np.concatenate([s.labels for s in sites.values()]),
+                         [q for s in sites.values() for q in s.patients], CLASSES)
+    evaluation = EvaluationSettings(classifier=ClassifierSettings(steps=2, batch_size=8, width=4))
+    moved = {}
+    for rate in (1e-3, 1e-7):
+        p = qt.ModelPreset(image_size=16, channels=(8, 8), rounds=1, local_steps=2, batch_size=4, learning_rate=1e-3,
+                           finetune_learning_rate=rate, pretrain_steps=2, pretrain_batch_size=4)
+        run_dir = tmp_path / f"rate-{rate}"
+        qj.init_worker(qj.BenchmarkInputs(model=p, sites=sites, central=central, public=central, plans={},
+                                          real_test=real, real_train=real, evaluation=evaluation, run_dir=run_dir,
+                                          epsilon=8.0, delta=1e-5, seed=0, threads=1), None)
+        qj.train_and_score("public_only", 4, 2, 1.0)
+        _, arrays, _ = qj.train_and_score("federated_pretrained", 4, 2, 1.0)
+        public = load_checkpoint(run_dir / "public_only" / "model.pt")
+        row = load_checkpoint(run_dir / "federated_pretrained" / "model.pt")
+        assert public.config.training.learning_rate == 1e-3
+        assert row.config.training.learning_rate == rate
+        moved[rate] = sum(float(np.abs(arrays[k] - public.arrays[k]).sum()) for k in public.arrays)
+    assert moved[1e-7] < moved[1e-3] / 100  # the rate reached the sites' optimiser, not just the config
+
+
+def test_a_finetuning_rate_that_is_not_positive_is_refused_before_any_work(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "q"
+    assert quality.main(["--finetune-learning-rate", "0", "--data", str(tmp_path), "--out", str(out)]) == 2
+    assert "--finetune-learning-rate must be positive, got 0.0" in capsys.readouterr().err
+    assert not out.exists()
