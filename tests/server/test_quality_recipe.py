@@ -36,6 +36,16 @@ def _slices(rng: np.random.Generator, n: int, prefix: str) -> SiteSlices:
                       patients=[f"{prefix}{i}" for i in range(n)], classes=CLASSES)
 
 
+def _toy_hospitals(rng: np.random.Generator) -> tuple[dict[str, SiteSlices], SiteSlices, ImageSet]:
+    """Two toy hospitals, their union (the central rows' data), and hospital a as the real set."""
+    sites = {"a": _slices(rng, 12, "a"), "b": _slices(rng, 10, "b")}
+    central = SiteSlices(np.concatenate([s.images for s in sites.values()]),
+                         np.concatenate([s.labels for s in sites.values()]),
+                         [q for s in sites.values() for q in s.patients], CLASSES)
+    real = ImageSet(sites["a"].images, sites["a"].labels, CLASSES, sites["a"].patients, "toy")
+    return sites, central, real
+
+
 def test_dependencies_pull_in_pretraining_and_the_source_run() -> None:
     assert qr.with_dependencies(["ablation_no_ema"]) == ["public_only", "federated_dp_pretrained", "ablation_no_ema"]
     assert qr.with_dependencies(["central"]) == ["central"]
@@ -44,7 +54,7 @@ def test_dependencies_pull_in_pretraining_and_the_source_run() -> None:
 
 def test_recipe_rows_at_toy_size(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
-    sites = {"a": _slices(rng, 12, "a"), "b": _slices(rng, 10, "b")}
+    sites, central, real = _toy_hospitals(rng)
     p = qt.ModelPreset(image_size=16, channels=(8, 8), rounds=2, local_steps=2, batch_size=4, learning_rate=1e-3,
                        ema_decay=0.5, warmup_steps=2, noise_multiplicity=2, central_ema_decay=0.9, pretrain_steps=3,
                        pretrain_batch_size=4, dp_batch_sizes=(2, 4))
@@ -52,10 +62,6 @@ def test_recipe_rows_at_toy_size(tmp_path: Path) -> None:
              "fixed batch": qt.plan_dp(sites, p, 8.0, 1e-5, planner=False)}
     assert plans["fixed batch"].batch_size == 4 and plans["planner"].batch_size in (2, 4)
     assert all(s["epsilon"] <= 8.0 for plan in plans.values() for s in plan.per_site.values())
-    real = ImageSet(sites["a"].images, sites["a"].labels, CLASSES, sites["a"].patients, "toy")
-    central = SiteSlices(np.concatenate([s.images for s in sites.values()]),
-                         np.concatenate([s.labels for s in sites.values()]),
-                         [q for s in sites.values() for q in s.patients], CLASSES)
     inputs = qj.BenchmarkInputs(model=p, sites=sites, central=central, public=_slices(rng, 8, "pub"), plans=plans,
                                 real_test=real, real_train=real,
                                 evaluation=EvaluationSettings(classifier=ClassifierSettings(steps=2, batch_size=8, width=4)),
@@ -105,13 +111,9 @@ def test_every_preset_is_a_valid_federation_whose_unet_builds(tmp_path: Path) ->
 def test_several_sampling_sets_score_disjoint_draws_and_their_pool(tmp_path: Path) -> None:
     """The first set is the one-set run's images; the others are new draws; the pool is all of them."""
     rng = np.random.default_rng(1)
-    sites = {"a": _slices(rng, 12, "a"), "b": _slices(rng, 10, "b")}
+    sites, central, real = _toy_hospitals(rng)
     p = qt.ModelPreset(image_size=16, channels=(8, 8), rounds=1, local_steps=2, batch_size=4, learning_rate=1e-3,
                        warmup_steps=1, central_ema_decay=0.5)
-    real = ImageSet(sites["a"].images, sites["a"].labels, CLASSES, sites["a"].patients, "toy")
-    central = SiteSlices(np.concatenate([s.images for s in sites.values()]),
-                         np.concatenate([s.labels for s in sites.values()]),
-                         [q for s in sites.values() for q in s.patients], CLASSES)
     evaluation = EvaluationSettings(classifier=ClassifierSettings(steps=2, batch_size=8, width=4))
     inputs = qj.BenchmarkInputs(model=p, sites=sites, central=central, public=central, plans={}, real_test=real,
                                 real_train=real, evaluation=evaluation, run_dir=tmp_path, epsilon=8.0, delta=1e-5,
@@ -146,11 +148,7 @@ def test_fewer_than_one_sampling_set_is_refused_before_any_work(tmp_path: Path, 
 def test_rows_from_pretraining_train_at_the_finetuning_rate(tmp_path: Path) -> None:
     """Pretraining keeps the preset's rate; every row that starts from its checkpoint takes the fine-tuning rate."""
     rng = np.random.default_rng(2)
-    sites = {"a": _slices(rng, 12, "a"), "b": _slices(rng, 10, "b")}
-    real = ImageSet(sites["a"].images, sites["a"].labels, CLASSES, sites["a"].patients, "toy")
-    central = SiteSlices(np.concatenate([s.images for s in sites.values()]),
-                         np.concatenate([s.labels for s in sites.values()]),
-                         [q for s in sites.values() for q in s.patients], CLASSES)
+    sites, central, real = _toy_hospitals(rng)
     evaluation = EvaluationSettings(classifier=ClassifierSettings(steps=2, batch_size=8, width=4))
     moved = {}
     for rate in (1e-3, 1e-7):
