@@ -111,7 +111,10 @@ def ddim_step(scheduler: DDIMScheduler, eps: torch.Tensor, t: int, x: torch.Tens
     if scheduler.clip_sample:
         x0 = x0.clamp(*scheduler.clip_sample_values)
     std = eta * ((1 - alpha_prev) / (1 - alpha) * (1 - alpha / alpha_prev)) ** 0.5
-    return alpha_prev ** 0.5 * x0 + (1 - alpha_prev - std ** 2) ** 0.5 * eps + std * noise
+    # Mathematically >= 0, but where alpha is ~1e-9 (the cosine schedule's last step) the square of
+    # the rounded root can exceed it by float32 rounding, and a root of that negative was NaN for the whole image.
+    direction = (1 - alpha_prev - std ** 2).clamp(min=0) ** 0.5
+    return alpha_prev ** 0.5 * x0 + direction * eps + std * noise
 
 
 @torch.no_grad()

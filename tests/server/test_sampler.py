@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from common.checkpoint import Checkpoint, file_sha256, load_checkpoint, save_checkpoint
-from common.config import FedsynthConfig, config_from_dict
+from common.config import DiffusionConfig, FedsynthConfig, config_from_dict
 from common.model import build_ddim_sampler, build_unet, trainable_state
 from server.cli import main as cli_main
 from server.sampler import build_sampling_model, ddim_step, sample_images
@@ -114,6 +114,18 @@ def test_ddim_step_is_monais_step_with_the_noise_passed_in(eta: float) -> None:
         noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(11))
         got = ddim_step(scheduler, eps, t, x, eta, noise if eta > 0 else None)
         torch.testing.assert_close(got, expected)
+
+
+@pytest.mark.parametrize("steps", [1, 2, 3, 10])
+def test_a_stochastic_step_stays_finite_where_the_cosine_schedule_ends_near_zero(steps: int) -> None:
+    """The cosine schedule's alpha at t = 999 is ~1e-9: a step from there used to be NaN in every pixel."""
+    scheduler = build_ddim_sampler(DiffusionConfig(schedule="cosine"), steps)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn((4, 1, 8, 8), generator=gen)
+    for t in scheduler.timesteps.tolist():
+        x = ddim_step(scheduler, torch.randn(x.shape, generator=gen), t, x, 1.0, torch.randn(x.shape, generator=gen))
+        assert torch.isfinite(x).all(), f"step from t = {t} of {steps}"
+    assert x.abs().max() <= 1.0 + 1e-5  # the last step lands on the clipped estimate of the image
 
 
 def test_stochastic_sampling_depends_on_each_image_seed_alone(checkpoint: Path) -> None:
