@@ -47,7 +47,7 @@ from server.evaluation.classifier import ClassifierSettings, load_or_train  # no
 from server.evaluation.evaluate import EvaluationSettings  # noqa: E402
 from server.evaluation.image_sets import ImageSet  # noqa: E402
 from server.evaluation.utility import seeded  # noqa: E402
-from common.config import SERVER_OPTIMIZERS  # noqa: E402
+from common.config import SCHEDULES, SERVER_OPTIMIZERS  # noqa: E402
 from common.errors import ConfigError  # noqa: E402
 from common.fileio import write_bytes_atomic, write_json_atomic  # noqa: E402
 from server.sampler import DEFAULT_ETA, sampling_problem  # noqa: E402
@@ -139,6 +139,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--finetune-learning-rate", type=float, default=None,
                    help="rows from public pretraining: their learning rate (default: the preset's, "
                         "which is the scratch rows' unless the preset says otherwise)")
+    p.add_argument("--schedule", choices=SCHEDULES, default=None,
+                   help="the DDPM noise schedule of every row and of pretraining (diffusion.schedule; "
+                        "default: the preset's)")
     p.add_argument("--server-option", action="append", default=[], metavar="KEY=VALUE",
                    help="a federation option of the server optimiser, e.g. eta=0.01 (repeatable)")
     return p.parse_args(argv)
@@ -269,7 +272,8 @@ def main(argv: list[str] | None = None) -> int:
         model = dataclasses.replace(model, server_optimizer=args.server_optimizer, server_options=options,
                                     ema_decay=model.ema_decay if args.ema_decay is None else args.ema_decay,
                                     finetune_learning_rate=(model.finetune_learning_rate if args.finetune_learning_rate
-                                                            is None else args.finetune_learning_rate))
+                                                            is None else args.finetune_learning_rate),
+                                    schedule=args.schedule or model.schedule)
         cfg = federation_config(model, ("a",), args.out, 1, dp=False)  # the federation config's own checks, now
     except (ValueError, ConfigError) as err:
         print(f"quality benchmark: --server-optimizer/--ema-decay/--server-option/--finetune-learning-rate: {err}",

@@ -158,12 +158,20 @@ def _markdown(columns: tuple[str, ...], rows: list[list[str]]) -> str:
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows]) + "\n"
 
 
+def _recipe_line(model: dict) -> str:
+    """The recipe choices that do not make a run "reduced", so that a table read alone says which recipe it is."""
+    finetune = model.get("finetune_learning_rate")
+    return (f"Recipe: noise schedule `{model.get('schedule', 'linear_beta')}`, server step "
+            f"`{model.get('server_optimizer', 'fedavg')}`, learning rate {model.get('learning_rate', '?')}"
+            f"{f', {finetune} from the public checkpoint' if finetune else ''}.\n\n")
+
+
 def markdown_table(result: dict) -> str:
     m = result["machine"]
     head = (f"Preset `{result['preset']}`{' (reduced)' if result['reduced'] else ''}, {m['date']}, nproc {m['nproc']}, "
             f"{m['cpu']}{', ' + m['gpu'] if m['gpu'] else ''}, torch {m['torch']} ({m['torch_threads']} threads), "
             f"total {result.get('total_seconds', '?')} s.\n\n")
-    text = head + _markdown(MAIN_COLUMNS, _main_rows(result))
+    text = head + _recipe_line(result.get("model", {})) + _markdown(MAIN_COLUMNS, _main_rows(result))
     sets = _sets_rows(result)
     if sets:
         text += f"\n{SETS_TITLE[0].upper()}{SETS_TITLE[1:]}:\n\n" + _markdown(SETS_COLUMNS, sets)

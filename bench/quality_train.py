@@ -57,6 +57,8 @@ class ModelPreset:
     batch_size: int
     learning_rate: float
     head_channels: int = 8
+    # The DDPM noise schedule (diffusion.schedule): training and sampling of every row and of pretraining.
+    schedule: str = "linear_beta"
     # Rows that start from the public checkpoint train at this rate (0: learning_rate, as from scratch).
     finetune_learning_rate: float = 0.0
     # The ServerApp's server step (federation.server_optimizer and its options, federation.ema_decay).
@@ -128,6 +130,7 @@ def federation_config(p: ModelPreset, classes: tuple[str, ...], out: Path, local
                      "trainable": r.trainable},
         "privacy": {"enabled": dp, "noise_multiplier": r.noise_multiplier, "max_grad_norm": 1.0, "accountant": "prv"},
         "data": {"image_size": p.image_size},
+        "diffusion": {"schedule": p.schedule},
     }, "benchmark preset")
 
 

@@ -174,3 +174,36 @@ def test_a_finetuning_rate_that_is_not_positive_is_refused_before_any_work(
     assert quality.main(["--finetune-learning-rate", "0", "--data", str(tmp_path), "--out", str(out)]) == 2
     assert "--finetune-learning-rate must be positive, got 0.0" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_the_noise_schedule_reaches_pretraining_the_rows_and_their_checkpoints(tmp_path: Path) -> None:
+    """``--schedule`` is the diffusion schedule both of training and of what ``fedsynth sample`` reads back."""
+    rng = np.random.default_rng(3)
+    sites, central, real = _toy_hospitals(rng)
+    evaluation = EvaluationSettings(classifier=ClassifierSettings(steps=2, batch_size=8, width=4))
+    trained = {}
+    for schedule in ("linear_beta", "cosine"):
+        p = qt.ModelPreset(image_size=16, channels=(8, 8), rounds=1, local_steps=2, batch_size=4, learning_rate=1e-3,
+                           schedule=schedule, pretrain_steps=2, pretrain_batch_size=4)
+        run_dir = tmp_path / schedule
+        qj.init_worker(qj.BenchmarkInputs(model=p, sites=sites, central=central, public=central, plans={},
+                                          real_test=real, real_train=real, evaluation=evaluation, run_dir=run_dir,
+                                          epsilon=8.0, delta=1e-5, seed=0, threads=1), None)
+        qj.train_and_score("public_only", 4, 2, 1.0)
+        _, trained[schedule], _ = qj.train_and_score("federated_pretrained", 4, 2, 1.0)
+        for row in ("public_only", "federated_pretrained"):
+            assert load_checkpoint(run_dir / row / "model.pt").config.diffusion.schedule == schedule
+        machine = {"date": "today", "nproc": 2, "cpu": "cpu", "gpu": None, "torch": "x", "torch_threads": 1}
+        text = quality.markdown_table({"preset": "toy", "reduced": False, "machine": machine, "runs": {},
+                                       "model": dataclasses.asdict(p)})
+        assert f"noise schedule `{schedule}`" in text.split("|")[0]  # the table says which recipe it is
+    # same seeds, same data: only the noise levels of the training steps differ
+    assert any(not np.array_equal(trained["linear_beta"][k], trained["cosine"][k]) for k in trained["cosine"])
+
+
+def test_an_unknown_noise_schedule_is_refused_before_any_work(tmp_path: Path) -> None:
+    out = tmp_path / "q"
+    with pytest.raises(SystemExit) as exit_info:
+        quality.main(["--schedule", "sigmoid", "--data", str(tmp_path), "--out", str(out)])
+    assert exit_info.value.code == 2
+    assert not out.exists()
