@@ -29,6 +29,7 @@ finally:
     sys.path.remove(str(REPO / "bench"))
 
 CLASSES = ("disc", "ring")
+TOY_MACHINE = {"date": "today", "nproc": 2, "cpu": "cpu", "gpu": None, "torch": "x", "torch_threads": 1}
 
 
 def _slices(rng: np.random.Generator, n: int, prefix: str) -> SiteSlices:
@@ -44,6 +45,18 @@ def _toy_hospitals(rng: np.random.Generator) -> tuple[dict[str, SiteSlices], Sit
                          [q for s in sites.values() for q in s.patients], CLASSES)
     real = ImageSet(sites["a"].images, sites["a"].labels, CLASSES, sites["a"].patients, "toy")
     return sites, central, real
+
+
+def _pretrain_then_finetune(p: qt.ModelPreset, run_dir: Path, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Public pretraining and a federated row from its checkpoint, at toy size, in ``run_dir``: the row's weights."""
+    sites, central, real = _toy_hospitals(rng)
+    evaluation = EvaluationSettings(classifier=ClassifierSettings(steps=2, batch_size=8, width=4))
+    qj.init_worker(qj.BenchmarkInputs(model=p, sites=sites, central=central, public=central, plans={},
+                                      real_test=real, real_train=real, evaluation=evaluation, run_dir=run_dir,
+                                      epsilon=8.0, delta=1e-5, seed=0, threads=1), None)
+    qj.train_and_score("public_only", 4, 2, 1.0)
+    _, arrays, _ = qj.train_and_score("federated_pretrained", 4, 2, 1.0)
+    return arrays
 
 
 def test_dependencies_pull_in_pretraining_and_the_source_run() -> None:
@@ -131,8 +144,7 @@ def test_several_sampling_sets_score_disjoint_draws_and_their_pool(tmp_path: Pat
     assert len({s["fid"] for s in sets["summaries"]}) == 3  # three different draws
     assert sets["pooled"]["fid"] not in {s["fid"] for s in sets["summaries"]}
 
-    machine = {"date": "today", "nproc": 2, "cpu": "cpu", "gpu": None, "torch": "x", "torch_threads": 1}
-    text = quality.markdown_table({"preset": "toy", "reduced": True, "machine": machine,
+    text = quality.markdown_table({"preset": "toy", "reduced": True, "machine": TOY_MACHINE,
                                    "runs": {"central": one, "ablation_no_ema": three}})
     sets_table = text.split("several sets of sampled images")[1]
     assert "| 3 x 4 |" in sets_table and "central" not in sets_table.split("\n", 3)[3]
@@ -147,19 +159,12 @@ def test_fewer_than_one_sampling_set_is_refused_before_any_work(tmp_path: Path, 
 
 def test_rows_from_pretraining_train_at_the_finetuning_rate(tmp_path: Path) -> None:
     """Pretraining keeps the preset's rate; every row that starts from its checkpoint takes the fine-tuning rate."""
-    rng = np.random.default_rng(2)
-    sites, central, real = _toy_hospitals(rng)
-    evaluation = EvaluationSettings(classifier=ClassifierSettings(steps=2, batch_size=8, width=4))
     moved = {}
     for rate in (1e-3, 1e-7):
         p = qt.ModelPreset(image_size=16, channels=(8, 8), rounds=1, local_steps=2, batch_size=4, learning_rate=1e-3,
                            finetune_learning_rate=rate, pretrain_steps=2, pretrain_batch_size=4)
         run_dir = tmp_path / f"rate-{rate}"
-        qj.init_worker(qj.BenchmarkInputs(model=p, sites=sites, central=central, public=central, plans={},
-                                          real_test=real, real_train=real, evaluation=evaluation, run_dir=run_dir,
-                                          epsilon=8.0, delta=1e-5, seed=0, threads=1), None)
-        qj.train_and_score("public_only", 4, 2, 1.0)
-        _, arrays, _ = qj.train_and_score("federated_pretrained", 4, 2, 1.0)
+        arrays = _pretrain_then_finetune(p, run_dir, np.random.default_rng(2))
         public = load_checkpoint(run_dir / "public_only" / "model.pt")
         row = load_checkpoint(run_dir / "federated_pretrained" / "model.pt")
         assert public.config.training.learning_rate == 1e-3
@@ -178,23 +183,15 @@ def test_a_finetuning_rate_that_is_not_positive_is_refused_before_any_work(
 
 def test_the_noise_schedule_reaches_pretraining_the_rows_and_their_checkpoints(tmp_path: Path) -> None:
     """``--schedule`` is the diffusion schedule both of training and of what ``fedsynth sample`` reads back."""
-    rng = np.random.default_rng(3)
-    sites, central, real = _toy_hospitals(rng)
-    evaluation = EvaluationSettings(classifier=ClassifierSettings(steps=2, batch_size=8, width=4))
     trained = {}
     for schedule in ("linear_beta", "cosine"):
         p = qt.ModelPreset(image_size=16, channels=(8, 8), rounds=1, local_steps=2, batch_size=4, learning_rate=1e-3,
                            schedule=schedule, pretrain_steps=2, pretrain_batch_size=4)
         run_dir = tmp_path / schedule
-        qj.init_worker(qj.BenchmarkInputs(model=p, sites=sites, central=central, public=central, plans={},
-                                          real_test=real, real_train=real, evaluation=evaluation, run_dir=run_dir,
-                                          epsilon=8.0, delta=1e-5, seed=0, threads=1), None)
-        qj.train_and_score("public_only", 4, 2, 1.0)
-        _, trained[schedule], _ = qj.train_and_score("federated_pretrained", 4, 2, 1.0)
+        trained[schedule] = _pretrain_then_finetune(p, run_dir, np.random.default_rng(3))
         for row in ("public_only", "federated_pretrained"):
             assert load_checkpoint(run_dir / row / "model.pt").config.diffusion.schedule == schedule
-        machine = {"date": "today", "nproc": 2, "cpu": "cpu", "gpu": None, "torch": "x", "torch_threads": 1}
-        text = quality.markdown_table({"preset": "toy", "reduced": False, "machine": machine, "runs": {},
+        text = quality.markdown_table({"preset": "toy", "reduced": False, "machine": TOY_MACHINE, "runs": {},
                                        "model": dataclasses.asdict(p)})
         assert f"noise schedule `{schedule}`" in text.split("|")[0]  # the table says which recipe it is
     # same seeds, same data: only the noise levels of the training steps differ
