@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from common.checkpoint import file_sha256, load_checkpoint
-from server.demo import CLASSES, DEMO_PRETRAINED, DemoSettings, demo_init_checkpoint
+from common.config import load_federation_config
+from server.demo import CLASSES, DEMO_PRETRAINED, DemoSettings, demo_init_checkpoint, write_demo_configs
 
 README = DEMO_PRETRAINED.parent / "README.md"
 
@@ -32,3 +34,15 @@ def test_its_readme_names_the_file_it_describes() -> None:
     prov = load_checkpoint(DEMO_PRETRAINED).provenance
     assert f"{prov['num_images']:,}" in text and f"{prov['steps']:,}" in text
     assert "Cheng" in text  # the attribution the data's licence asks for
+    schedule = load_checkpoint(DEMO_PRETRAINED).config.diffusion.schedule
+    assert f"MONAI's `{schedule}` noise schedule" in " ".join(text.split())
+
+
+def test_random_init_demo_differs_from_the_shipped_start_only_in_the_weights(tmp_path: Path) -> None:
+    """`fedsynth demo --random-init` trains the shipped checkpoint's model with its noise schedule."""
+    shipped = load_checkpoint(DEMO_PRETRAINED).config
+    fed_path, _ = write_demo_configs(tmp_path / "demo", DemoSettings(use_pretrained=False))
+    cfg = load_federation_config(fed_path)
+    assert cfg.diffusion == shipped.diffusion
+    assert dataclasses.replace(cfg.model, init_checkpoint=shipped.model.init_checkpoint) == shipped.model
+    assert cfg.data.image_size == shipped.data.image_size
