@@ -177,8 +177,8 @@ def _secure_superlink(root: Path, layout: kits.Layout, sites: list[str]) -> Iter
                 raise RuntimeError(f"registering {site} failed: {reg.stdout}{reg.stderr}")
         yield link
     finally:
-        stop_process_tree(proc)
-        stop_processes_with_env("FLWR_HOME", str(flwr_home))
+        sessions = stop_process_tree(proc)
+        stop_processes_with_env("FLWR_HOME", str(flwr_home), sessions=sessions)
 
 
 def deployment_overhead(root: Path, rounds: int, model: dict, secure: bool = False, timeout_s: float = 900.0) -> dict:

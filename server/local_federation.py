@@ -16,7 +16,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,9 +93,14 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
-def stop_process_tree(process: subprocess.Popen, grace_s: float = 10.0) -> None:
-    """SIGTERM the process and everything it started, wait, then SIGKILL whatever is left."""
+def stop_process_tree(process: subprocess.Popen, grace_s: float = 10.0) -> set[int]:
+    """SIGTERM the process and everything it started, wait, then SIGKILL whatever is left.
+
+    Returns the sessions that the tree's processes led before they were stopped, for
+    :func:`stop_processes_with_env` to sweep: what they started after the snapshot is in them.
+    """
     tree = descendants(process.pid) if Path("/proc").is_dir() else []
+    sessions = sessions_led_by([process.pid, *tree]) if Path("/proc").is_dir() else set()
     for pid in [process.pid, *tree]:
         _signal(pid, signal.SIGTERM)
     try:
@@ -111,6 +116,7 @@ def stop_process_tree(process: subprocess.Popen, grace_s: float = 10.0) -> None:
         process.wait(timeout=5)
     except subprocess.TimeoutExpired:
         pass
+    return sessions
 
 
 def processes_with_env(name: str, value: str) -> list[int]:
@@ -132,17 +138,55 @@ def processes_with_env(name: str, value: str) -> list[int]:
     return found
 
 
-def stop_processes_with_env(name: str, value: str, grace_s: float = 5.0, max_sweeps: int = 10) -> None:
-    """SIGTERM, then SIGKILL, every process carrying ``name=value``, sweeping until none is left.
+def session_of(pid: int) -> int | None:
+    """The session ID of ``pid`` (None once it is gone)."""
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[3])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def sessions_led_by(pids: Iterable[int]) -> set[int]:
+    """The sessions whose leader is one of ``pids``: sessions our own processes created."""
+    return {pid for pid in pids if session_of(pid) == pid}
+
+
+def processes_in_sessions(sessions: set[int]) -> list[int]:
+    """Live processes in any of ``sessions``, whatever their parent or environment now says."""
+    if not sessions:
+        return []
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid() and session_of(int(entry.name)) in sessions:
+            if _alive(int(entry.name)):
+                found.append(int(entry.name))
+    return found
+
+
+def stop_processes_with_env(name: str, value: str, grace_s: float = 5.0, max_sweeps: int = 10,
+                            sessions: Iterable[int] = ()) -> None:
+    """SIGTERM, then SIGKILL, every process carrying ``name=value`` or living in one of
+    ``sessions``, sweeping until none is left.
 
     One sweep is not enough: a Ray daemon stopped mid-start may still spawn its agents (dashboard,
-    runtime-env) while the first sweep waits, and those would outlive the run.
+    runtime-env) while the first sweep waits, and those would outlive the run. Nor is the
+    environment alone: those agents rename themselves with setproctitle, which overwrites the
+    memory /proc/PID/environ reads, so ``FLWR_HOME`` can vanish from it. Their session stays
+    (the SuperExec's, which the SuperLink started), so a process in a session that one of ours
+    leads is ours too.
     """
+    known_sessions = set(sessions)
+
+    def ours() -> list[int]:
+        pids = set(processes_with_env(name, value))
+        known_sessions.update(sessions_led_by(pids))
+        return sorted(pids | set(processes_in_sessions(known_sessions)))
+
     for _ in range(max_sweeps):
-        pids = processes_with_env(name, value)
+        pids = ours()
         if not pids:
             time.sleep(0.5)  # a process forked just now shows up on the next look
-            if not processes_with_env(name, value):
+            if not ours():
                 return
             continue
         for pid in pids:
@@ -150,7 +194,7 @@ def stop_processes_with_env(name: str, value: str, grace_s: float = 5.0, max_swe
         deadline = time.monotonic() + grace_s
         while time.monotonic() < deadline and any(_alive(pid) for pid in pids):
             time.sleep(0.2)
-        for pid in processes_with_env(name, value):
+        for pid in ours():
             _signal(pid, signal.SIGKILL)
 
 
@@ -210,9 +254,9 @@ def local_superlink(workdir: Path, startup_timeout_s: float = 60.0, simulation: 
         finally:
             if process is not None:
                 with stop_signals_held():  # a second signal must not cut the cleanup short
-                    stop_process_tree(process)
+                    sessions = stop_process_tree(process)
                     if Path("/proc").is_dir():
-                        stop_processes_with_env("FLWR_HOME", str(flwr_home))
+                        stop_processes_with_env("FLWR_HOME", str(flwr_home), sessions=sessions)
 
 
 @contextmanager
