@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from server.local_federation import processes_with_env, stop_process_tree, stop_processes_with_env
+from server.local_federation import processes_with_env, stat_fields, stop_process_tree, stop_processes_with_env
 
 pytestmark = pytest.mark.skipif(not Path("/proc").is_dir(), reason="process checks read /proc (Linux)")
 
@@ -39,11 +39,8 @@ _DAEMON = textwrap.dedent("""
 
 
 def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
+    fields = stat_fields(pid)
+    return fields is not None and fields[0] != "Z"
 
 
 def _wait_for_file(path: Path, timeout_s: float = 20.0) -> None:
